@@ -1,0 +1,255 @@
+"""`edgert`: the command line. A thin layer that parses arguments and calls the library.
+
+Exit codes: 0 success, 1 a refusal or failure the message explains (bad bundle, failed
+gate), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edge_runtime.bundle import (
+    BundleError,
+    PreprocessSpec,
+    generate_keypair,
+    load_public_keys,
+    peek_manifest,
+    read_bundle,
+)
+
+console = Console(stderr=True)
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} expects {n} comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} expects {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def preprocess_from_args(args: argparse.Namespace) -> PreprocessSpec | None:
+    fields: dict[str, Any] = {}
+    if args.preprocess:
+        try:
+            fields = json.loads(Path(args.preprocess).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"edgert: cannot read --preprocess {args.preprocess}: {e}") from e
+    if args.size:
+        try:
+            w, h = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"edgert: --size expects WxH such as 224x224, got {args.size!r}") from None
+        fields["size"] = (w, h)
+    for key in ("resize", "resize_short", "interpolation", "layout", "color", "scale"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    if args.mean:
+        fields["mean"] = _floats(args.mean, 3, "--mean")
+    if args.std:
+        fields["std"] = _floats(args.std, 3, "--std")
+    if not fields:
+        return None
+    try:
+        return PreprocessSpec.model_validate(fields)
+    except Exception as e:
+        raise SystemExit(f"edgert: invalid preprocessing: {e}") from e
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    priv, pub = generate_keypair(Path(args.out))
+    console.print(f"wrote {priv} (private, mode 0600) and {pub}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from edge_runtime.pack.pipeline import PackError, PackRequest, pack
+    from edge_runtime.pack.report import render_report
+    from edge_runtime.pack.validate import Gate
+
+    labels = None
+    if args.labels:
+        labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+    req = PackRequest(
+        model=Path(args.model),
+        target=args.target,
+        calib=Path(args.calib),
+        eval=Path(args.eval),
+        name=args.name,
+        version=args.version,
+        key=Path(args.key),
+        out=Path(args.out) if args.out else None,
+        preprocess=preprocess_from_args(args),
+        labels=labels,
+        precision=args.precision,
+        calibration=args.calibration,
+        gate=Gate(args.min_cosine, args.min_top1, args.max_drop),
+        recover=not args.no_recover,
+        max_calib=args.max_calib,
+        max_eval=args.max_eval,
+        stateful=args.stateful,
+    )
+    try:
+        result = pack(req, console)
+    except PackError as e:
+        if e.report:
+            console.print_json(data={k: e.report[k] for k in ("outputs", "accuracy", "gate") if k in e.report})
+        console.print(f"[red]edgert pack: {e}[/red]")
+        return 1
+    except (ValueError, OSError, BundleError) as e:
+        console.print(f"[red]edgert pack: {e}[/red]")
+        return 1
+    print(render_report(result.manifest, result.report))
+    print(result.path)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        bundle = read_bundle(Path(args.bundle), load_public_keys(args.key))
+    except BundleError as e:
+        console.print(f"[red]REFUSED {args.bundle}: {e}[/red]")
+        return 1
+    m = bundle.manifest
+    console.print(f"OK {args.bundle}: {m.name} {m.version} for {m.target}, signed by key {bundle.signer}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.suffix == ".onnx":
+        return _inspect_onnx(path, args.json)
+    verified = False
+    try:
+        if args.key:
+            bundle = read_bundle(path, load_public_keys(args.key))
+            manifest, verified = bundle.manifest, True
+            report = bundle.files.get("report.md", b"").decode()
+        else:
+            manifest, report = peek_manifest(path), ""
+    except BundleError as e:
+        console.print(f"[red]edgert inspect: {e}[/red]")
+        return 1
+    if args.json:
+        out = {"verified": verified, "manifest": manifest.model_dump(mode="json"), "report": manifest.validation}
+        print(json.dumps(out, indent=2))
+        return 0
+    if not verified:
+        console.print("[yellow]signature NOT verified (pass --key PUB to verify)[/yellow]")
+    print(report or json.dumps(manifest.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _inspect_onnx(path: Path, as_json: bool) -> int:
+    from edge_runtime.pack.prepare import PrepareError, graph_inputs, load_checked, op_histogram, tensor_specs
+    from edge_runtime.pack.targets import targets
+
+    try:
+        model = load_checked(path)
+    except PrepareError as e:
+        console.print(f"[red]edgert inspect: {e}[/red]")
+        return 1
+    ops = op_histogram(model)
+    out = {
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+        "inputs": [t.model_dump() for t in tensor_specs(graph_inputs(model))],
+        "outputs": [t.model_dump() for t in tensor_specs(model.graph.output)],
+        "ops": ops,
+        "unsupported": {name: t.unsupported(ops) for name, t in targets().items()},
+    }
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_runtime.demo import run_demo
+
+    return run_demo(Path(args.workdir), console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgert", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    gen = keys.add_parser("generate", help="write DIR/signing.key (0600) and DIR/signing.pub")
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(func=cmd_keys)
+
+    pk = sub.add_parser("pack", help="quantize, validate, gate, sign and bundle a model")
+    pk.add_argument("model")
+    pk.add_argument("--target", required=True, help="x86-cpu | arm64-cpu | jetson-gpu")
+    pk.add_argument("--calib", required=True, help="calibration data: images, .npy or .npz")
+    pk.add_argument("--eval", required=True, help="held-out evaluation data (ImageFolder layout for labels)")
+    pk.add_argument("--name", required=True)
+    pk.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    pk.add_argument("--key", required=True, help="Ed25519 private key (edgert keys generate)")
+    pk.add_argument("-o", "--out", help="output .edgepkg (default NAME-VERSION-TARGET.edgepkg)")
+    pk.add_argument("--labels", help="class names, one per line (index order)")
+    pk.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
+    pk.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax")
+    pk.add_argument("--min-cosine", type=float, default=0.98, help="gate: mean cosine per output (0.98)")
+    pk.add_argument("--min-top1", type=float, default=0.95, help="gate: top-1 agreement with fp32 (0.95)")
+    pk.add_argument("--max-drop", type=float, default=0.02, help="gate: task accuracy drop (0.02)")
+    pk.add_argument("--no-recover", action="store_true", help="do not keep sensitive layers in float")
+    pk.add_argument("--max-calib", type=int)
+    pk.add_argument("--max-eval", type=int)
+    pk.add_argument("--stateful", action="store_true", help="never batch requests of this model")
+    pre = pk.add_argument_group("preprocessing (or --preprocess FILE.json with the same fields)")
+    pre.add_argument("--preprocess")
+    pre.add_argument("--size", help="WxH")
+    pre.add_argument("--resize", choices=["stretch", "letterbox", "pad", "center_crop"])
+    pre.add_argument("--resize-short", dest="resize_short", type=int)
+    pre.add_argument("--interpolation", choices=["linear", "area", "cubic", "lanczos", "nearest"])
+    pre.add_argument("--layout", choices=["nchw", "nhwc"])
+    pre.add_argument("--color", choices=["rgb", "bgr"])
+    pre.add_argument("--scale", type=float)
+    pre.add_argument("--mean", help="A,B,C")
+    pre.add_argument("--std", help="A,B,C")
+    pk.set_defaults(func=cmd_pack)
+
+    vf = sub.add_parser("verify", help="exit 0 only for an intact bundle signed by a trusted key")
+    vf.add_argument("bundle")
+    vf.add_argument("--key", required=True, action="append", help="trusted public key (file or dir); repeatable")
+    vf.set_defaults(func=cmd_verify)
+
+    ins = sub.add_parser("inspect", help="show a bundle's manifest and report, or an ONNX model's ops")
+    ins.add_argument("path")
+    ins.add_argument("--key", action="append", help="verify the signature with this public key")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="fetch a real model, pack it, verify, load and run it")
+    demo.add_argument("--workdir", default="out/demo")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""`edgert pack`: prepare -> calibrate/quantize -> validate -> gate (-> recover) -> sign -> bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edge_runtime.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
+from edge_runtime.pack.datasets import Sample, load_samples
+from edge_runtime.pack.prepare import PrepareError, prepare
+from edge_runtime.pack.quantize import CalibMethod, QuantSettings, choose_mode, convert_fp16, quantize_int8
+from edge_runtime.pack.report import render_report
+from edge_runtime.pack.targets import get_target
+from edge_runtime.pack.validate import Gate, compare, latency_ms, layer_sensitivity, run_all, session
+
+RECOVERY_STEPS = (1, 2, 4, 8, 16)
+
+
+class PackError(Exception):
+    """Packing failed; nothing was written. ``report`` holds what was measured, if anything."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class PackRequest:
+    model: Path
+    target: str
+    calib: Path
+    eval: Path
+    name: str
+    version: str
+    key: Path
+    out: Path | None = None
+    preprocess: PreprocessSpec | None = None
+    labels: list[str] | None = None
+    precision: Literal["int8", "fp16", "fp32"] = "int8"
+    calibration: CalibMethod = "minmax"
+    gate: Gate = field(default_factory=Gate)
+    recover: bool = True
+    max_calib: int | None = None
+    max_eval: int | None = None
+    stateful: bool = False
+
+
+@dataclass
+class PackResult:
+    path: Path
+    manifest: BundleManifest
+    report: dict[str, Any]
+
+
+def batching_of(inputs: list[TensorSpec], outputs: list[TensorSpec], stateful: bool) -> dict[str, Any]:
+    """Can requests be stacked along axis 0? Fixed batch 1, scalars and state tensors say no."""
+    first = [t.shape[0] if t.shape else None for t in inputs + outputs]
+    if stateful:
+        return {"max_batch": 1, "batchable": False, "stateful": True, "reason": "declared stateful"}
+    if any(d is None for d in first):
+        return {"max_batch": 1, "batchable": False, "stateful": False, "reason": "scalar input/output"}
+    if all(isinstance(d, int) for d in first):
+        n = int(first[0]) if len({*first}) == 1 else 1
+        return {"max_batch": n, "batchable": False, "stateful": False, "reason": f"fixed batch {n}"}
+    if not all(isinstance(d, str) for d in first):
+        return {"max_batch": 1, "batchable": False, "stateful": False, "reason": "mixed axis 0 (state tensor?)"}
+    return {"max_batch": 0, "batchable": True, "stateful": False, "reason": "dynamic axis 0"}
+
+
+def _digest(samples: list[Sample]) -> set[str]:
+    return {hashlib.sha256(b"".join(a.tobytes() for a in s.feeds.values())).hexdigest() for s in samples}
+
+
+def pack(req: PackRequest, console: Console | None = None) -> PackResult:
+    console = console or Console(stderr=True, quiet=True)
+    profile = get_target(req.target)
+    if profile.artifact != "onnx":
+        raise PackError(f"target {req.target} builds {profile.artifact} artifacts, not handled by this packer")
+    key = load_private_key(req.key)
+    source_bytes = req.model.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="edgert-pack-") as tmp_s:
+        tmp = Path(tmp_s)
+        console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")
+        try:
+            prep = prepare(req.model, tmp / "prep")
+        except PrepareError as e:
+            raise PackError(str(e)) from e
+        for note in prep.notes:
+            console.log(f"  {note}")
+        blocked = profile.unsupported(prep.ops)
+        if blocked:
+            raise PackError(f"target {profile.name} cannot run ops {blocked} ({profile.unsupported_source})")
+
+        calib = load_samples(req.calib, prep.inputs, req.preprocess, req.max_calib)
+        evals = load_samples(req.eval, prep.inputs, req.preprocess, req.max_eval)
+        shared = _digest(calib) & _digest(evals)
+        if shared:
+            raise PackError(
+                f"the evaluation set shares {len(shared)} samples with the calibration set; "
+                "held-out data must be different images"
+            )
+        console.log(f"calibration: {len(calib)} samples from {req.calib}; evaluation: {len(evals)} from {req.eval}")
+        output_names = [o.name for o in prep.outputs]
+        reference = run_all(session(prep.path), evals, output_names)
+
+        candidate = tmp / "model.onnx"
+        mode = choose_mode(prep.ops, profile) if req.precision == "int8" else "none"
+
+        def build(exclude: list[str]) -> tuple[QuantSettings, dict[str, Any]]:
+            if req.precision == "int8":
+                assert mode != "none"
+                progress = _progress(console)
+                with progress or nullcontext():
+                    task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib)) if progress else 0
+                    settings = quantize_int8(
+                        prep.path,
+                        candidate,
+                        calib,
+                        profile,
+                        mode,
+                        req.calibration,
+                        exclude,
+                        on_sample=(lambda: progress.advance(task)) if progress else None,
+                    )
+            elif req.precision == "fp16":
+                settings = convert_fp16(prep.path, candidate)
+            else:
+                shutil.copyfile(prep.path, candidate)
+                settings = QuantSettings(mode="none", precision="fp32")
+            outputs = run_all(session(candidate), evals, output_names)
+            return settings, compare(reference, outputs, output_names, evals, req.labels)
+
+        settings, report = build([])
+        failures = req.gate.check(report)
+        attempts: list[dict[str, Any]] = [{"kept_float": [], "failures": failures}]
+        if failures and req.precision == "int8" and req.recover:
+            console.log(f"gate failed: {'; '.join(failures)}; measuring per-layer error to recover")
+            ranked = layer_sensitivity(prep.path, candidate, calib[:8])
+            for k in RECOVERY_STEPS:
+                exclude = [n for n, _ in ranked[:k]]
+                settings, report = build(exclude)
+                failures = req.gate.check(report)
+                attempts.append({"kept_float": exclude, "failures": failures})
+                console.log(f"  keeping {k} most sensitive nodes in float: {'pass' if not failures else 'fail'}")
+                if not failures:
+                    break
+        report["gate"] = {**req.gate.__dict__, "passed": not failures, "failures": failures}
+        report["recovery"] = {"attempts": attempts, "kept_float": settings.excluded_nodes}
+        report["size"] = {
+            "reference_bytes": prep.path.stat().st_size,
+            "candidate_bytes": candidate.stat().st_size,
+            "ratio": prep.path.stat().st_size / candidate.stat().st_size,
+        }
+        if failures:
+            raise PackError("accuracy gate failed: " + "; ".join(failures) + " (no bundle written)", report)
+
+        console.log("measuring latency (1 thread, batch 1 and 8)")
+        report["latency_ms"] = {
+            label: {f"batch{b}": latency_ms(session(path, 1), evals, b) for b in (1, 8)}
+            for label, path in (("reference", prep.path), ("candidate", candidate))
+        }
+        batching = batching_of(prep.inputs, prep.outputs, req.stateful)
+        if profile.batch_profile and batching["batchable"]:
+            batching["profile"] = profile.batch_profile
+        fields: dict[str, Any] = {
+            "name": req.name,
+            "version": req.version,
+            "target": profile.name,
+            "runtime": profile.runtime,
+            "model": "model.onnx",
+            "inputs": [i.model_dump() for i in prep.inputs],
+            "outputs": [o.model_dump() for o in prep.outputs],
+            "preprocess": req.preprocess.model_dump() if req.preprocess else None,
+            "labels": req.labels,
+            "precision": req.precision,
+            "quantization": {**settings.as_manifest(), "preparation": prep.notes, "ops": prep.ops},
+            "validation": report,
+            "runtime_options": {"providers": profile.providers, "provider_options": profile.provider_options},
+            "batching": batching,
+            "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
+            "key_id": "",
+        }
+        warmup = io.BytesIO()
+        np.savez(warmup, **evals[0].feeds)  # a real sample: the device warms up with it
+        batching["warmup"] = "warmup.npz"
+        model_bytes = candidate.read_bytes()
+        draft = BundleManifest.model_validate({**fields, "files": [], "created": "now"})
+        out = req.out or Path(draft.filename)
+        files = {
+            "model.onnx": model_bytes,
+            "warmup.npz": warmup.getvalue(),
+            "report.md": render_report(draft, report).encode(),
+        }
+        manifest = write_bundle(out, fields, files, key)
+        console.log(f"wrote {out} ({out.stat().st_size} bytes, signed by key {manifest.key_id})")
+        return PackResult(out, manifest, report)
+
+
+def _progress(console: Console) -> Progress | None:
+    if console.quiet:
+        return None
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )

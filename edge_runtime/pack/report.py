@@ -1,0 +1,58 @@
+"""The human-readable report stored in every bundle (report.md) and printed by the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_runtime.bundle import BundleManifest
+
+
+def _ms(x: dict[str, float] | None) -> str:
+    return f"{x['p50']:.2f}" if x else "n/a"
+
+
+def render_report(manifest: BundleManifest, report: dict[str, Any]) -> str:
+    q = manifest.quantization
+    lines = [
+        f"# {manifest.name} {manifest.version} for {manifest.target}",
+        "",
+        f"- precision: {manifest.precision} ({q.get('mode', 'none')}"
+        + (f", {q['flavour']}, {q.get('calibration', '')}" if q.get("flavour") else "")
+        + ")",
+        f"- evaluation samples: {report['samples']}",
+    ]
+    size = report.get("size")
+    if size:
+        lines.append(
+            f"- size: fp32 {size['reference_bytes'] / 1e6:.2f} MB -> {size['candidate_bytes'] / 1e6:.2f} MB"
+            f" ({size['ratio']:.2f}x smaller)"
+        )
+    kept = report.get("recovery", {}).get("kept_float") or []
+    if kept:
+        lines.append(f"- kept in float to meet the gate: {', '.join(kept)}")
+    lines += ["", "| output | cosine mean | cosine min | max abs err | top-1 agreement |", "|---|---|---|---|---|"]
+    for name, m in report["outputs"].items():
+        agree = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
+        lines.append(
+            f"| {name} | {m['cosine_mean']:.5f} | {m['cosine_min']:.5f} | {m['max_abs_error']:.4g} | {agree} |"
+        )
+    acc = report.get("accuracy")
+    if acc:
+        lines += ["", f"Task accuracy: fp32 {acc['reference']:.3f}, {manifest.precision} {acc['candidate']:.3f}"]
+    lat = report.get("latency_ms")
+    if lat:
+        lines += [
+            "",
+            "| latency p50 (ms, 1 thread) | batch 1 | batch 8 |",
+            "|---|---|---|",
+            f"| fp32 | {_ms(lat['reference']['batch1'])} | {_ms(lat['reference']['batch8'])} |",
+            f"| {manifest.precision} | {_ms(lat['candidate']['batch1'])} | {_ms(lat['candidate']['batch8'])} |",
+        ]
+    gate = report.get("gate", {})
+    lines += [
+        "",
+        f"Gate: min cosine {gate.get('min_cosine')}, min top-1 agreement {gate.get('min_top1_agreement')},"
+        f" max accuracy drop {gate.get('max_accuracy_drop')}: {'PASSED' if gate.get('passed') else 'FAILED'}",
+    ]
+    lines += [f"- {f}" for f in gate.get("failures", [])]
+    return "\n".join(lines) + "\n"

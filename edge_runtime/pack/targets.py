@@ -1,0 +1,55 @@
+"""Target profiles, loaded from targets.toml (profiles are data, not code branches)."""
+
+from __future__ import annotations
+
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_PATH = Path(__file__).with_name("targets.toml")
+
+
+class TargetProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str
+    runtime: Literal["onnxruntime", "litert"]
+    artifact: Literal["onnx", "tflite"]
+    activation_type: Literal["uint8", "int8"]
+    weight_type: Literal["uint8", "int8"]
+    activation_symmetric: bool
+    weight_symmetric: bool
+    per_channel: bool
+    reduce_range: bool
+    providers: list[str]
+    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    batch_profile: dict[str, int] | None = None
+    unsupported_ops: list[str] = Field(default_factory=list)
+    unsupported_source: str = ""
+
+    def unsupported(self, ops: dict[str, int]) -> list[str]:
+        """Ops of a model (op histogram) that this target cannot run."""
+        return sorted(op for op in ops if op in self.unsupported_ops or "." in op)
+
+    @property
+    def flavour(self) -> str:
+        return ("U8" if self.activation_type == "uint8" else "S8") + (
+            "U8" if self.weight_type == "uint8" else "S8"
+        )
+
+
+@cache
+def targets() -> dict[str, TargetProfile]:
+    raw = tomllib.loads(_PATH.read_text())
+    return {name: TargetProfile(name=name, **fields) for name, fields in raw.items()}
+
+
+def get_target(name: str) -> TargetProfile:
+    known = targets()
+    if name not in known:
+        raise ValueError(f"unknown target {name!r}; expected one of: {', '.join(known)}")
+    return known[name]

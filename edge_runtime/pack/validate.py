@@ -1,0 +1,166 @@
+"""Compare a candidate artifact with the fp32 original on held-out data, and gate it.
+
+Metrics per output: cosine similarity (mean and worst sample), max/mean absolute error,
+top-1 agreement for classifier-like outputs ([N, C], C > 1), and task accuracy of both
+models when ground truth is given. Latency at batch 1 and 8 on one thread, for both.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.pack.datasets import Sample
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_cosine: float = 0.98
+    min_top1_agreement: float = 0.95
+    max_accuracy_drop: float = 0.02
+
+    def check(self, report: dict[str, Any]) -> list[str]:
+        """Reasons the report fails this gate; empty when it passes."""
+        failures = []
+        for name, m in report["outputs"].items():
+            if m["cosine_mean"] < self.min_cosine:
+                failures.append(f"output {name!r}: mean cosine {m['cosine_mean']:.4f} < {self.min_cosine}")
+            agree = m.get("top1_agreement")
+            if agree is not None and agree < self.min_top1_agreement:
+                failures.append(f"output {name!r}: top-1 agreement {agree:.3f} < {self.min_top1_agreement}")
+        acc = report.get("accuracy")
+        if acc and acc["drop"] > self.max_accuracy_drop:
+            failures.append(
+                f"task accuracy dropped {acc['drop']:.3f} ({acc['reference']:.3f} -> {acc['candidate']:.3f}),"
+                f" more than --max-drop {self.max_accuracy_drop}"
+            )
+        return failures
+
+
+def session(path: Path | bytes, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    model = str(path) if isinstance(path, Path) else path
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def run_all(sess: Any, samples: list[Sample], output_names: list[str] | None = None) -> list[list[np.ndarray]]:
+    return [sess.run(output_names, s.feeds) for s in samples]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def compare(
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    output_names: list[str],
+    samples: list[Sample],
+    labels: list[str] | None,
+) -> dict[str, Any]:
+    outputs: dict[str, Any] = {}
+    for k, name in enumerate(output_names):
+        ref = [r[k] for r in reference]
+        cand = [c[k] for c in candidate]
+        cos = [_cosine(a, b) for a, b in zip(ref, cand, strict=True)]
+        diff = [np.abs(a.astype(np.float64) - b.astype(np.float64)) for a, b in zip(ref, cand, strict=True)]
+        m: dict[str, Any] = {
+            "cosine_mean": float(np.mean(cos)),
+            "cosine_min": float(np.min(cos)),
+            "max_abs_error": float(max(d.max() for d in diff)),
+            "mean_abs_error": float(np.mean([d.mean() for d in diff])),
+            "nonfinite": int(sum(int((~np.isfinite(c)).sum()) for c in cand)),
+        }
+        if ref[0].ndim == 2 and ref[0].shape[1] > 1:
+            ra = np.concatenate([a.argmax(1) for a in ref])
+            ca = np.concatenate([b.argmax(1) for b in cand])
+            m["top1_agreement"] = float((ra == ca).mean())
+        outputs[name] = m
+    report: dict[str, Any] = {"samples": len(samples), "outputs": outputs}
+    truth = [s.label for s in samples]
+    first = output_names[0]
+    if labels and all(t is not None for t in truth) and "top1_agreement" in outputs[first]:
+        index = {lab: i for i, lab in enumerate(labels)}
+        unknown = sorted({t for t in truth if t not in index})
+        if unknown:
+            raise ValueError(f"ground-truth labels {unknown} are not among the model labels {labels}")
+        y = np.array([index[t] for t in truth if t is not None])
+        acc_ref = float((np.concatenate([r[0].argmax(1) for r in reference]) == y).mean())
+        acc_cand = float((np.concatenate([c[0].argmax(1) for c in candidate]) == y).mean())
+        report["accuracy"] = {"reference": acc_ref, "candidate": acc_cand, "drop": acc_ref - acc_cand}
+    return report
+
+
+def latency_ms(sess: Any, samples: list[Sample], batch: int, runs: int = 20) -> dict[str, float] | None:
+    """p50/mean milliseconds per call at a batch size, or None when the model cannot take it."""
+    feeds = {}
+    for name in samples[0].feeds:
+        parts = [samples[i % len(samples)].feeds[name] for i in range(batch)]
+        feeds[name] = np.concatenate(parts) if parts[0].ndim else parts[0]
+    try:
+        sess.run(None, feeds)
+    except Exception:
+        return None
+    times = []
+    deadline = time.perf_counter() + 10.0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+        if time.perf_counter() > deadline:
+            break
+    return {"p50": statistics.median(times), "mean": statistics.fmean(times), "runs": len(times)}
+
+
+def layer_sensitivity(fp32: Path, quantized: Path, samples: list[Sample]) -> list[tuple[str, float]]:
+    """Nodes ranked by how much quantization error they add, measured on real data.
+
+    Both models are made to expose every float tensor that a node produces; the error of a
+    node is (1 - cosine) at its output minus the worst (1 - cosine) at its inputs, so a node
+    is blamed only for the error it adds, not for what it inherits.
+    """
+    import onnx
+
+    ref_model, q_model = onnx.load(str(fp32)), onnx.load(str(quantized))
+    q_tensors = {o for n in q_model.graph.node for o in n.output}
+    nodes = [n for n in ref_model.graph.node if n.op_type not in ("Constant", "Shape")]
+    names = sorted({o for n in nodes for o in n.output if o in q_tensors})
+    for model in (ref_model, q_model):
+        existing = {o.name for o in model.graph.output}
+        for t in names:
+            if t not in existing:
+                model.graph.output.append(onnx.ValueInfoProto(name=t))
+    ref_s = session(ref_model.SerializeToString(), threads=2)
+    q_s = session(q_model.SerializeToString(), threads=2)
+    errors: dict[str, list[float]] = {t: [] for t in names}
+    for s in samples:
+        ra = dict(zip(names, ref_s.run(names, s.feeds), strict=True))
+        qa = dict(zip(names, q_s.run(names, s.feeds), strict=True))
+        for t in names:
+            if ra[t].dtype.kind == "f" and ra[t].size:
+                errors[t].append(1.0 - _cosine(ra[t], qa[t]))
+    err = {t: float(np.mean(v)) for t, v in errors.items() if v}
+    ranked = []
+    for n in nodes:
+        outs = [err[o] for o in n.output if o in err]
+        if not outs:
+            continue
+        ins = [err[i] for i in n.input if i in err]
+        ranked.append((n.name, max(outs) - (max(ins) if ins else 0.0)))
+    return sorted(ranked, key=lambda x: -x[1])

@@ -1,0 +1,321 @@
+"""The in-process API: load verified bundles, keep them resident and warm, infer, hot-swap.
+
+A model is loaded once and warmed with a real sample shipped in its bundle, so the first
+real request is not slow; it is never reloaded per request. ``swap`` loads and warms the new
+version beside the old one, switches atomically, lets in-flight work finish on the old one,
+then frees it. The daemon, the agent and scripts all drive models through this class.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime.backends import Backend, BackendOptions, create_backend
+from edge_runtime.batcher import Batcher, BatchObserver, BatchSettings
+from edge_runtime.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
+from edge_runtime.metrics import BATCH_BUCKETS, Registry, rss_bytes
+from edge_runtime.tensors import InputError, check_inputs
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class RuntimeMetrics:
+    registry: Registry = field(default_factory=Registry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        m = ("model",)
+        self.requests = r.counter("edgert_requests_total", "Inference requests received", m)
+        self.failures = r.counter("edgert_request_failures_total", "Requests that failed (model error)", m)
+        self.rejected = r.counter("edgert_requests_rejected_total", "Requests refused (queue full, bad input)", ("model", "reason"))
+        self.expired = r.counter("edgert_requests_expired_total", "Requests dropped after their timeout", m)
+        self.nonfinite = r.counter("edgert_nonfinite_outputs_total", "Results holding NaN or Inf", m)
+        self.queue_depth = r.gauge("edgert_queue_depth", "Requests waiting in the batcher", m)
+        self.batch_size = r.histogram("edgert_batch_size", "Rows per executed batch", m, BATCH_BUCKETS)
+        self.queue_s = r.histogram("edgert_queue_seconds", "Time from enqueue to execution", m)
+        self.compute_s = r.histogram("edgert_compute_seconds", "Backend time per batch", m)
+        self.total_s = r.histogram("edgert_request_seconds", "Time from enqueue to result", m)
+        self.load_s = r.gauge("edgert_model_load_seconds", "Time to verify and load the model", ("model", "version"))
+        self.warm_s = r.gauge("edgert_model_warmup_seconds", "Time of the warm-up inference", ("model", "version"))
+        self.loaded = r.gauge("edgert_model_loaded", "1 for each resident model version", ("model", "version"))
+        self.swaps = r.counter("edgert_model_swaps_total", "Hot swaps completed", m)
+        self.rss = r.gauge("edgert_process_resident_memory_bytes", "Resident set size of the process")
+        r.on_collect(lambda: self.rss.set(rss_bytes()))
+
+
+class ModelVersion:
+    """One loaded, warmed version of a model. Counts in-flight runs so a swap can drain it."""
+
+    def __init__(self, bundle: Bundle, options: BackendOptions) -> None:
+        self.manifest: BundleManifest = bundle.manifest
+        self.bundle_sha256 = bundle.sha256
+        t0 = time.perf_counter()
+        self.backend: Backend = create_backend(self.manifest.runtime, bundle.model_bytes, options)
+        self.load_s = time.perf_counter() - t0
+        self.output_names = [o.name for o in self.manifest.outputs]
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self.warmup = _warmup_sample(bundle)
+        t0 = time.perf_counter()
+        if self.warmup is not None:
+            self.run(self.warmup)
+        self.warm_s = time.perf_counter() - t0
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._idle:
+            self._inflight += 1
+        try:
+            return dict(zip(self.output_names, self.backend.run(feeds), strict=True))
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _warmup_sample(bundle: Bundle) -> dict[str, np.ndarray] | None:
+    name = bundle.manifest.batching.get("warmup")
+    if name and name in bundle.files:
+        with np.load(io.BytesIO(bundle.files[name]), allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    feeds = {}
+    for spec in bundle.manifest.inputs:
+        if any(isinstance(d, str) for d in spec.shape[1:]):
+            return None  # free spatial dims and no sample: nothing safe to warm with
+        shape = [1 if isinstance(d, str) else d for d in spec.shape]
+        feeds[spec.name] = np.zeros(shape, spec.dtype)
+    return feeds
+
+
+class ModelHandle:
+    """A served model: the current version (swapped atomically) and its batcher."""
+
+    def __init__(self, name: str, current: ModelVersion, settings: BatchSettings, metrics: RuntimeMetrics) -> None:
+        self.name = name
+        self.current = current
+        self.settings = settings
+        self._metrics = metrics
+        self._swap_lock = threading.Lock()
+        observer = BatchObserver(
+            on_batch=self._on_batch,
+            on_done=self._on_done,
+            on_expired=lambda: metrics.expired.inc(model=name),
+            on_progress=self._touch,
+        )
+        self.last_progress = time.monotonic()
+        self.batcher = Batcher(self._run, settings, observer, name)
+
+    @property
+    def manifest(self) -> BundleManifest:
+        return self.current.manifest
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.current.manifest.inputs
+
+    def _touch(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.current.run(feeds)  # read once: a swap mid-batch cannot mix versions
+        if any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in out.values()):
+            self._metrics.nonfinite.inc(model=self.name)
+        return out
+
+    def _on_batch(self, rows: int, compute_s: float) -> None:
+        self._metrics.batch_size.observe(rows, model=self.name)
+        self._metrics.compute_s.observe(compute_s, model=self.name)
+        self._touch()
+
+    def _on_done(self, queue_s: float, total_s: float) -> None:
+        self._metrics.queue_s.observe(queue_s, model=self.name)
+        self._metrics.total_s.observe(total_s, model=self.name)
+
+
+def batch_settings_for(manifest: BundleManifest, base: BatchSettings) -> BatchSettings:
+    """Narrow the configured settings to what the model can take."""
+    b = manifest.batching
+    if not b.get("batchable", True):
+        return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, batchable=False)
+    cap = int(b.get("max_batch") or 0)
+    max_batch = min(base.max_batch, cap) if cap else base.max_batch
+    preferred = tuple(p for p in base.preferred if p <= max_batch)
+    return BatchSettings(max_batch, base.max_delay_ms, preferred, base.max_queue, base.timeout_ms, True)
+
+
+class Runtime:
+    """Resident, warmed models behind one API.
+
+    >>> rt = Runtime(trusted_keys=load_public_keys([Path("keys/signing.pub")]))
+    >>> rt.load(Path("orientation-1.0.0-x86-cpu.edgepkg"))
+    >>> rt.infer("orientation", {"x": batch})["fetch_name_0"]
+    """
+
+    def __init__(
+        self,
+        trusted_keys: Iterable[Ed25519PublicKey],
+        threads: int = 0,
+        batching: BatchSettings | None = None,
+        metrics: RuntimeMetrics | None = None,
+        delegate: str | None = None,
+    ) -> None:
+        self.trusted_keys = list(trusted_keys)
+        self.threads = threads
+        self.batching = batching or BatchSettings()
+        self.metrics = metrics or RuntimeMetrics()
+        self.delegate = delegate
+        self._models: dict[str, ModelHandle] = {}
+        self._lock = threading.Lock()
+
+    # --- loading -----------------------------------------------------------------------
+
+    def _open(self, source: Path | bytes | Bundle) -> Bundle:
+        return source if isinstance(source, Bundle) else read_bundle(source, self.trusted_keys)
+
+    def _load_version(self, bundle: Bundle) -> ModelVersion:
+        m = bundle.manifest
+        opts = BackendOptions(
+            threads=self.threads,
+            providers=list(m.runtime_options.get("providers") or ["CPUExecutionProvider"]),
+            provider_options=dict(m.runtime_options.get("provider_options") or {}),
+            delegate=self.delegate,
+        )
+        version = ModelVersion(bundle, opts)
+        self.metrics.load_s.set(version.load_s, model=m.name, version=m.version)
+        self.metrics.warm_s.set(version.warm_s, model=m.name, version=m.version)
+        self.metrics.loaded.set(1, model=m.name, version=m.version)
+        log.info("loaded %s %s (load %.0f ms, warm-up %.0f ms, providers %s)", m.name, m.version,
+                 version.load_s * 1000, version.warm_s * 1000, version.backend.active_providers)
+        return version
+
+    def load(self, source: Path | bytes | Bundle, settings: BatchSettings | None = None) -> ModelHandle:
+        """Verify, load and warm a bundle; returns once the model is ready to answer."""
+        bundle = self._open(source)
+        name = bundle.manifest.name
+        with self._lock:
+            if name in self._models:
+                raise ValueError(f"model {name!r} is already loaded; use swap() to change its version")
+        version = self._load_version(bundle)
+        handle = ModelHandle(name, version, batch_settings_for(bundle.manifest, settings or self.batching), self.metrics)
+        with self._lock:
+            self._models[name] = handle
+        return handle
+
+    def swap(self, source: Path | bytes | Bundle, drain_timeout: float = 60.0) -> str:
+        """Load and warm a new version beside the serving one, switch, drain, free. Returns the old version."""
+        bundle = self._open(source)
+        handle = self.get(bundle.manifest.name)
+        with handle._swap_lock:
+            old = handle.current
+            if [i.model_dump() for i in bundle.manifest.inputs] != [i.model_dump() for i in old.manifest.inputs]:
+                raise InputError(
+                    f"cannot hot-swap {handle.name}: inputs of {bundle.manifest.version} differ from {old.version}"
+                )
+            new = self._load_version(bundle)
+            handle.current = new  # atomic: the next batch runs on the new version
+            if not old.drain(drain_timeout):
+                log.warning("version %s still busy after %.0f s; freeing anyway", old.version, drain_timeout)
+            old.close()
+            self.metrics.loaded.remove(model=handle.name, version=old.version)
+            self.metrics.swaps.inc(model=handle.name)
+            log.info("swapped %s %s -> %s", handle.name, old.version, new.version)
+            return old.version
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            handle = self._models.pop(name, None)
+        if handle is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        handle.batcher.close(drain=True)
+        handle.current.close()
+        self.metrics.loaded.remove(model=name, version=handle.current.version)
+
+    def close(self) -> None:
+        for name in list(self._models):
+            self.unload(name)
+
+    # --- serving -----------------------------------------------------------------------
+
+    def get(self, name: str, version: str | None = None) -> ModelHandle:
+        handle = self._models.get(name)
+        if handle is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self._models) or 'none'}")
+        if version is not None and version != handle.current.version:
+            raise ModelNotFoundError(f"model {name!r} version {version!r} is not loaded; serving {handle.current.version}")
+        return handle
+
+    def models(self) -> list[ModelHandle]:
+        return list(self._models.values())
+
+    def submit(
+        self, name: str, feeds: dict[str, np.ndarray], version: str | None = None, timeout_ms: float | None = None
+    ) -> Future[dict[str, np.ndarray]]:
+        """Validate and queue a request on the model's batcher; the future holds the outputs."""
+        handle = self.get(name, version)
+        self.metrics.requests.inc(model=name)
+        try:
+            batch = check_inputs(handle.inputs, feeds)
+        except InputError:
+            self.metrics.rejected.inc(model=name, reason="bad_input")
+            raise
+        rows = batch or 1
+        if handle.settings.batchable and rows > handle.settings.max_batch:
+            self.metrics.rejected.inc(model=name, reason="bad_input")
+            raise InputError(f"batch of {rows} exceeds max batch {handle.settings.max_batch} of model {name!r}")
+        try:
+            fut = handle.batcher.submit(feeds, rows, timeout_ms)
+        except Exception:
+            self.metrics.rejected.inc(model=name, reason="queue_full")
+            raise
+        self.metrics.queue_depth.set(handle.batcher.depth, model=name)
+        fut.add_done_callback(lambda f: self._count_failure(name, f))
+        return fut
+
+    def _count_failure(self, name: str, fut: Future[Any]) -> None:
+        if fut.exception() is not None:
+            self.metrics.failures.inc(model=name)
+
+    def infer(
+        self,
+        name: str,
+        feeds: dict[str, np.ndarray] | np.ndarray,
+        version: str | None = None,
+        timeout_ms: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request through the model's batcher and wait for it."""
+        if isinstance(feeds, np.ndarray):
+            specs = self.get(name, version).inputs
+            if len(specs) != 1:
+                raise InputError(f"model {name!r} has {len(specs)} inputs; pass a dict keyed by input name")
+            feeds = {specs[0].name: feeds}
+        fut = self.submit(name, feeds, version, timeout_ms)
+        wait = (timeout_ms or self.batching.timeout_ms) / 1000.0 + 30.0
+        return fut.result(timeout=wait)

@@ -185,9 +185,7 @@ class Batcher:
             return
         names = list(live[0].feeds)
         feeds = (
-            live[0].feeds
-            if len(live) == 1
-            else {n: np.concatenate([r.feeds[n] for r in live], axis=0) for n in names}
+            live[0].feeds if len(live) == 1 else {n: np.concatenate([r.feeds[n] for r in live], axis=0) for n in names}
         )
         rows = sum(r.rows for r in live)
         t0 = time.monotonic()

@@ -103,7 +103,7 @@ class PreprocessSpec(_Strict):
 
 
 class BundleManifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str
     version: str
     target: str
@@ -170,9 +170,7 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
     if priv_path.exists():
         raise FileExistsError(f"{priv_path} exists; refusing to overwrite a signing key")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -244,9 +242,7 @@ def write_bundle(
     private_key: Ed25519PrivateKey,
 ) -> BundleManifest:
     """Hash the files, complete and sign the manifest, and write the bundle atomically."""
-    entries = [
-        FileEntry(path=_check_member_name(n), sha256=sha256_bytes(b), size=len(b)) for n, b in files.items()
-    ]
+    entries = [FileEntry(path=_check_member_name(n), sha256=sha256_bytes(b), size=len(b)) for n, b in files.items()]
     fields = dict(manifest_fields)
     fields.update(
         files=entries,
@@ -265,7 +261,11 @@ def write_bundle(
     try:
         with open(tmp, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-                for name, data in [(MANIFEST_NAME, manifest_bytes), (SIGNATURE_NAME, signature), *files.items()]:
+                for name, data in [
+                    (MANIFEST_NAME, manifest_bytes),
+                    (SIGNATURE_NAME, signature),
+                    *files.items(),
+                ]:
                     info = tarfile.TarInfo(name)
                     info.size, info.mode, info.mtime = len(data), 0o644, 0
                     tar.addfile(info, io.BytesIO(data))
@@ -312,7 +312,7 @@ def _read_members(source: Path | bytes, limits: Limits) -> dict[str, bytes]:
         raise BundleError(f"cannot open bundle: {e}") from e
     with fileobj:
         try:
-            tar = tarfile.open(fileobj=fileobj, mode="r:gz")
+            tar = tarfile.open(fileobj=fileobj, mode="r:gz")  # noqa: SIM115 - closed by the with below
         except (tarfile.TarError, OSError, EOFError) as e:
             raise BundleError(f"not a bundle (expected a gzip'd tar): {e}") from e
         with tar:

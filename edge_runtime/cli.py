@@ -24,7 +24,13 @@ from edge_runtime.bundle import (
     read_bundle,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str) -> int:
+    """Print a refusal (user data: no rich markup) and return the failure exit code."""
+    console.print(message, style="red", markup=False)
+    return 1
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -104,11 +110,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     except PackError as e:
         if e.report:
             console.print_json(data={k: e.report[k] for k in ("outputs", "accuracy", "gate") if k in e.report})
-        console.print(f"[red]edgert pack: {e}[/red]")
-        return 1
+        return fail(f"edgert pack: {e}")
     except (ValueError, OSError, BundleError) as e:
-        console.print(f"[red]edgert pack: {e}[/red]")
-        return 1
+        return fail(f"edgert pack: {e}")
     print(render_report(result.manifest, result.report))
     print(result.path)
     return 0
@@ -118,8 +122,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         bundle = read_bundle(Path(args.bundle), load_public_keys(args.key))
     except BundleError as e:
-        console.print(f"[red]REFUSED {args.bundle}: {e}[/red]")
-        return 1
+        return fail(f"REFUSED {args.bundle}: {e}")
     m = bundle.manifest
     console.print(f"OK {args.bundle}: {m.name} {m.version} for {m.target}, signed by key {bundle.signer}")
     return 0
@@ -138,10 +141,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             manifest, report = peek_manifest(path), ""
     except BundleError as e:
-        console.print(f"[red]edgert inspect: {e}[/red]")
-        return 1
+        return fail(f"edgert inspect: {e}")
     if args.json:
-        out = {"verified": verified, "manifest": manifest.model_dump(mode="json"), "report": manifest.validation}
+        out = {
+            "verified": verified,
+            "manifest": manifest.model_dump(mode="json"),
+            "report": manifest.validation,
+        }
         print(json.dumps(out, indent=2))
         return 0
     if not verified:
@@ -157,8 +163,7 @@ def _inspect_onnx(path: Path, as_json: bool) -> int:
     try:
         model = load_checked(path)
     except PrepareError as e:
-        console.print(f"[red]edgert inspect: {e}[/red]")
-        return 1
+        return fail(f"edgert inspect: {e}")
     ops = op_histogram(model)
     out = {
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
@@ -243,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
         return int(args.func(args))

@@ -137,9 +137,7 @@ class Registry:
     def gauge(self, name: str, help_: str, labels: Sequence[str] = ()) -> Gauge:
         return self._add(Gauge(name, help_, labels))  # type: ignore[return-value]
 
-    def histogram(
-        self, name: str, help_: str, labels: Sequence[str] = (), buckets: Sequence[float] = ()
-    ) -> Histogram:
+    def histogram(self, name: str, help_: str, labels: Sequence[str] = (), buckets: Sequence[float] = ()) -> Histogram:
         return self._add(Histogram(name, help_, labels, buckets))  # type: ignore[return-value]
 
     def on_collect(self, fn: Callable[[], None]) -> None:

@@ -44,7 +44,9 @@ class RuntimeMetrics:
         m = ("model",)
         self.requests = r.counter("edgert_requests_total", "Inference requests received", m)
         self.failures = r.counter("edgert_request_failures_total", "Requests that failed (model error)", m)
-        self.rejected = r.counter("edgert_requests_rejected_total", "Requests refused (queue full, bad input)", ("model", "reason"))
+        self.rejected = r.counter(
+            "edgert_requests_rejected_total", "Requests refused (queue full, bad input)", ("model", "reason")
+        )
         self.expired = r.counter("edgert_requests_expired_total", "Requests dropped after their timeout", m)
         self.nonfinite = r.counter("edgert_nonfinite_outputs_total", "Results holding NaN or Inf", m)
         self.queue_depth = r.gauge("edgert_queue_depth", "Requests waiting in the batcher", m)
@@ -106,8 +108,13 @@ def _warmup_sample(bundle: Bundle) -> dict[str, np.ndarray] | None:
     if name and name in bundle.files:
         with np.load(io.BytesIO(bundle.files[name]), allow_pickle=False) as z:
             return {k: np.asarray(z[k]) for k in z.files}
+    m = bundle.manifest
+    if m.preprocess is not None and len(m.inputs) == 1:
+        w, h = m.preprocess.size
+        shape = [1, 3, h, w] if m.preprocess.layout == "nchw" else [1, h, w, 3]
+        return {m.inputs[0].name: np.zeros(shape, m.inputs[0].dtype)}
     feeds = {}
-    for spec in bundle.manifest.inputs:
+    for spec in m.inputs:
         if any(isinstance(d, str) for d in spec.shape[1:]):
             return None  # free spatial dims and no sample: nothing safe to warm with
         shape = [1 if isinstance(d, str) else d for d in spec.shape]
@@ -212,8 +219,14 @@ class Runtime:
         self.metrics.load_s.set(version.load_s, model=m.name, version=m.version)
         self.metrics.warm_s.set(version.warm_s, model=m.name, version=m.version)
         self.metrics.loaded.set(1, model=m.name, version=m.version)
-        log.info("loaded %s %s (load %.0f ms, warm-up %.0f ms, providers %s)", m.name, m.version,
-                 version.load_s * 1000, version.warm_s * 1000, version.backend.active_providers)
+        log.info(
+            "loaded %s %s (load %.0f ms, warm-up %.0f ms, providers %s)",
+            m.name,
+            m.version,
+            version.load_s * 1000,
+            version.warm_s * 1000,
+            version.backend.active_providers,
+        )
         return version
 
     def load(self, source: Path | bytes | Bundle, settings: BatchSettings | None = None) -> ModelHandle:
@@ -224,7 +237,9 @@ class Runtime:
             if name in self._models:
                 raise ValueError(f"model {name!r} is already loaded; use swap() to change its version")
         version = self._load_version(bundle)
-        handle = ModelHandle(name, version, batch_settings_for(bundle.manifest, settings or self.batching), self.metrics)
+        handle = ModelHandle(
+            name, version, batch_settings_for(bundle.manifest, settings or self.batching), self.metrics
+        )
         with self._lock:
             self._models[name] = handle
         return handle
@@ -269,14 +284,20 @@ class Runtime:
         if handle is None:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self._models) or 'none'}")
         if version is not None and version != handle.current.version:
-            raise ModelNotFoundError(f"model {name!r} version {version!r} is not loaded; serving {handle.current.version}")
+            raise ModelNotFoundError(
+                f"model {name!r} version {version!r} is not loaded; serving {handle.current.version}"
+            )
         return handle
 
     def models(self) -> list[ModelHandle]:
         return list(self._models.values())
 
     def submit(
-        self, name: str, feeds: dict[str, np.ndarray], version: str | None = None, timeout_ms: float | None = None
+        self,
+        name: str,
+        feeds: dict[str, np.ndarray],
+        version: str | None = None,
+        timeout_ms: float | None = None,
     ) -> Future[dict[str, np.ndarray]]:
         """Validate and queue a request on the model's batcher; the future holds the outputs."""
         handle = self.get(name, version)

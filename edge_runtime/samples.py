@@ -13,11 +13,50 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = (
-    "the quick brown fox jumps over a lazy dog edge runtime model device fleet sensor frame batch "
-    "quantize signal report invoice total amount date page number section chapter figure table "
-    "result value order customer address station meter reading voltage current status update"
-).split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "edge",
+    "runtime",
+    "model",
+    "device",
+    "fleet",
+    "sensor",
+    "frame",
+    "batch",
+    "quantize",
+    "signal",
+    "report",
+    "invoice",
+    "total",
+    "amount",
+    "date",
+    "page",
+    "number",
+    "section",
+    "chapter",
+    "figure",
+    "table",
+    "result",
+    "value",
+    "order",
+    "customer",
+    "address",
+    "station",
+    "meter",
+    "reading",
+    "voltage",
+    "current",
+    "status",
+    "update",
+]
 _ROTATIONS = {"0": None, "90": 0, "180": 1, "270": 2}  # cv2.ROTATE_90_CLOCKWISE=0, 180=1, CCW=2
 
 

@@ -34,9 +34,7 @@ def describe(spec: TensorSpec) -> str:
     return f"[{dims}] ({spec.dtype})"
 
 
-def check_inputs(
-    specs: list[TensorSpec], feeds: dict[str, np.ndarray], allow_nonfinite: bool = False
-) -> int | None:
+def check_inputs(specs: list[TensorSpec], feeds: dict[str, np.ndarray], allow_nonfinite: bool = False) -> int | None:
     """Validate feeds against specs; return the batch size (axis 0) shared by the inputs."""
     names = [s.name for s in specs]
     unknown = sorted(set(feeds) - set(names))

@@ -22,7 +22,8 @@ def create_backend(runtime: str, model: bytes, options: BackendOptions) -> Backe
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, cls_name)
-        return cls(model, options)  # type: ignore[no-any-return]
+        backend: Backend = cls(model, options)
+        return backend
     except ImportError as e:
         raise RuntimeError(f"runtime {runtime!r} is not installed: pip install '{extra}' ({e})") from e
 

@@ -52,10 +52,8 @@ def _truth(root: Path, files: list[Path]) -> dict[Path, str]:
 def _add_batch(arr: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if arr.ndim == len(spec.shape) - 1:
         return arr[None]
-    if arr.ndim == len(spec.shape) and arr.shape[0] == 1:
-        return arr
-    if len(spec.shape) == 0 and arr.ndim == 0:
-        return arr
+    if arr.ndim == len(spec.shape):
+        return arr  # already batched (or a state tensor whose batch axis is not axis 0)
     raise DatasetError(
         f"input {spec.name!r} expects rank {len(spec.shape)} {spec.shape}, got array of shape {list(arr.shape)}"
     )

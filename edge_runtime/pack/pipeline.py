@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import shutil
@@ -17,8 +18,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edge_runtime.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
 from edge_runtime.pack.datasets import Sample, load_samples
-from edge_runtime.pack.prepare import PrepareError, prepare
-from edge_runtime.pack.quantize import CalibMethod, QuantSettings, choose_mode, convert_fp16, quantize_int8
+from edge_runtime.pack.prepare import PrepareError, compact, prepare
+from edge_runtime.pack.quantize import (
+    COMPUTE_OPS,
+    CalibMethod,
+    QuantSettings,
+    choose_mode,
+    convert_fp16,
+    quantize_int8,
+)
 from edge_runtime.pack.report import render_report
 from edge_runtime.pack.targets import get_target
 from edge_runtime.pack.validate import Gate, compare, latency_ms, layer_sensitivity, run_all, session
@@ -70,10 +78,15 @@ def batching_of(inputs: list[TensorSpec], outputs: list[TensorSpec], stateful: b
     if any(d is None for d in first):
         return {"max_batch": 1, "batchable": False, "stateful": False, "reason": "scalar input/output"}
     if all(isinstance(d, int) for d in first):
-        n = int(first[0]) if len({*first}) == 1 else 1
+        n = int(first[0]) if len({*first}) == 1 and isinstance(first[0], int) else 1
         return {"max_batch": n, "batchable": False, "stateful": False, "reason": f"fixed batch {n}"}
     if not all(isinstance(d, str) for d in first):
-        return {"max_batch": 1, "batchable": False, "stateful": False, "reason": "mixed axis 0 (state tensor?)"}
+        return {
+            "max_batch": 1,
+            "batchable": False,
+            "stateful": False,
+            "reason": "mixed axis 0 (state tensor?)",
+        }
     return {"max_batch": 0, "batchable": True, "stateful": False, "reason": "dynamic axis 0"}
 
 
@@ -116,12 +129,15 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
         candidate = tmp / "model.onnx"
         mode = choose_mode(prep.ops, profile) if req.precision == "int8" else "none"
 
-        def build(exclude: list[str]) -> tuple[QuantSettings, dict[str, Any]]:
+        def build(exclude: list[str], op_types: list[str] | None = None) -> tuple[QuantSettings, dict[str, Any]]:
             if req.precision == "int8":
                 assert mode != "none"
                 progress = _progress(console)
+                on_sample = None
                 with progress or nullcontext():
-                    task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib)) if progress else 0
+                    if progress is not None:
+                        task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib))
+                        on_sample = lambda: progress.advance(task)  # noqa: E731
                     settings = quantize_int8(
                         prep.path,
                         candidate,
@@ -130,36 +146,57 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
                         mode,
                         req.calibration,
                         exclude,
-                        on_sample=(lambda: progress.advance(task)) if progress else None,
+                        on_sample,
+                        op_types,
                     )
             elif req.precision == "fp16":
                 settings = convert_fp16(prep.path, candidate)
             else:
                 shutil.copyfile(prep.path, candidate)
                 settings = QuantSettings(mode="none", precision="fp32")
-            outputs = run_all(session(candidate), evals, output_names)
+            outputs = run_all(session(candidate, exact=profile.validate_exact), evals, output_names)
             return settings, compare(reference, outputs, output_names, evals, req.labels)
 
         settings, report = build([])
         failures = req.gate.check(report)
-        attempts: list[dict[str, Any]] = [{"kept_float": [], "failures": failures}]
+        attempts: list[dict[str, Any]] = [{"op_types": "all", "kept_float": [], "failures": failures}]
         if failures and req.precision == "int8" and req.recover:
-            console.log(f"gate failed: {'; '.join(failures)}; measuring per-layer error to recover")
-            ranked = layer_sensitivity(prep.path, candidate, calib[:8])
-            for k in RECOVERY_STEPS:
-                exclude = [n for n, _ in ranked[:k]]
-                settings, report = build(exclude)
-                failures = req.gate.check(report)
-                attempts.append({"kept_float": exclude, "failures": failures})
-                console.log(f"  keeping {k} most sensitive nodes in float: {'pass' if not failures else 'fail'}")
-                if not failures:
-                    break
+            # Recovery ladder: (1) quantize only the compute ops; (2) also keep the quantized
+            # nodes that add the most measured error (on calibration data) in float.
+            console.log(f"gate failed: {'; '.join(failures)}; trying to recover")
+            settings, report = build([], COMPUTE_OPS)
+            failures = req.gate.check(report)
+            attempts.append({"op_types": COMPUTE_OPS, "kept_float": [], "failures": failures})
+            console.log(f"  quantizing only {', '.join(COMPUTE_OPS)}: {'pass' if not failures else 'fail'}")
+            if failures:
+                ranked = layer_sensitivity(prep.path, candidate, calib[:8], COMPUTE_OPS)
+                for k in RECOVERY_STEPS:
+                    exclude = [n for n, _ in ranked[:k]]
+                    settings, report = build(exclude, COMPUTE_OPS)
+                    failures = req.gate.check(report)
+                    attempts.append({"op_types": COMPUTE_OPS, "kept_float": exclude, "failures": failures})
+                    console.log(f"  keeping {k} most sensitive nodes in float: {'pass' if not failures else 'fail'}")
+                    if not failures:
+                        break
         report["gate"] = {**req.gate.__dict__, "passed": not failures, "failures": failures}
-        report["recovery"] = {"attempts": attempts, "kept_float": settings.excluded_nodes}
+        report["recovery"] = {
+            "attempts": attempts,
+            "kept_float": settings.excluded_nodes,
+            "op_types": settings.op_types,
+        }
+        report["validated_with"] = "exact Q/DQ arithmetic" if profile.validate_exact else "this host's kernels"
+        shipped, reference_file = tmp / "shipped.onnx", tmp / "reference.onnx"
+        compact(candidate, shipped)
+        compact(prep.path, reference_file)  # the fp32 baseline gets the same treatment
+        ref_size, cand_size = reference_file.stat().st_size, shipped.stat().st_size
+        ref_gz, cand_gz = (len(gzip.compress(p.read_bytes(), 6)) for p in (reference_file, shipped))
         report["size"] = {
-            "reference_bytes": prep.path.stat().st_size,
-            "candidate_bytes": candidate.stat().st_size,
-            "ratio": prep.path.stat().st_size / candidate.stat().st_size,
+            "reference_bytes": ref_size,
+            "candidate_bytes": cand_size,
+            "ratio": ref_size / cand_size,
+            "reference_gzip_bytes": ref_gz,
+            "candidate_gzip_bytes": cand_gz,
+            "gzip_ratio": ref_gz / cand_gz,
         }
         if failures:
             raise PackError("accuracy gate failed: " + "; ".join(failures) + " (no bundle written)", report)
@@ -190,17 +227,17 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
             "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
             "key_id": "",
         }
-        warmup = io.BytesIO()
-        np.savez(warmup, **evals[0].feeds)  # a real sample: the device warms up with it
-        batching["warmup"] = "warmup.npz"
-        model_bytes = candidate.read_bytes()
+        files: dict[str, bytes] = {"model.onnx": shipped.read_bytes()}
+        if req.preprocess is None:
+            # No image spec to build a warm-up tensor from (audio, state, scalars such as
+            # silero's sample rate): ship a real held-out sample to warm up with.
+            warmup = io.BytesIO()
+            np.savez(warmup, **evals[0].feeds)  # type: ignore[arg-type]
+            files["warmup.npz"] = warmup.getvalue()
+            batching["warmup"] = "warmup.npz"
         draft = BundleManifest.model_validate({**fields, "files": [], "created": "now"})
         out = req.out or Path(draft.filename)
-        files = {
-            "model.onnx": model_bytes,
-            "warmup.npz": warmup.getvalue(),
-            "report.md": render_report(draft, report).encode(),
-        }
+        files["report.md"] = render_report(draft, report).encode()
         manifest = write_bundle(out, fields, files, key)
         console.log(f"wrote {out} ({out.stat().st_size} bytes, signed by key {manifest.key_id})")
         return PackResult(out, manifest, report)
@@ -210,5 +247,9 @@ def _progress(console: Console) -> Progress | None:
     if console.quiet:
         return None
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
     )

@@ -25,20 +25,31 @@ def render_report(manifest: BundleManifest, report: dict[str, Any]) -> str:
     if size:
         lines.append(
             f"- size: fp32 {size['reference_bytes'] / 1e6:.2f} MB -> {size['candidate_bytes'] / 1e6:.2f} MB"
-            f" ({size['ratio']:.2f}x smaller)"
+            f" ({size['ratio']:.2f}x smaller; gzip'd as in the bundle {size['gzip_ratio']:.2f}x)"
         )
-    kept = report.get("recovery", {}).get("kept_float") or []
+    rec = report.get("recovery", {})
+    if rec.get("op_types"):
+        lines.append(f"- quantized only {', '.join(rec['op_types'])} (the rest stays float)")
+    kept = rec.get("kept_float") or []
     if kept:
         lines.append(f"- kept in float to meet the gate: {', '.join(kept)}")
-    lines += ["", "| output | cosine mean | cosine min | max abs err | top-1 agreement |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| output | cosine mean | cosine min | max abs err | top-1 agreement | mask IoU@0.3 |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in report["outputs"].items():
         agree = f"{m['top1_agreement']:.3f}" if "top1_agreement" in m else "-"
+        iou = f"{m['mask_iou']:.3f}" if "mask_iou" in m else "-"
         lines.append(
-            f"| {name} | {m['cosine_mean']:.5f} | {m['cosine_min']:.5f} | {m['max_abs_error']:.4g} | {agree} |"
+            f"| {name} | {m['cosine_mean']:.5f} | {m['cosine_min']:.5f} | {m['max_abs_error']:.4g} | {agree} | {iou} |"
         )
     acc = report.get("accuracy")
     if acc:
-        lines += ["", f"Task accuracy: fp32 {acc['reference']:.3f}, {manifest.precision} {acc['candidate']:.3f}"]
+        lines += [
+            "",
+            f"Task accuracy: fp32 {acc['reference']:.3f}, {manifest.precision} {acc['candidate']:.3f}",
+        ]
     lat = report.get("latency_ms")
     if lat:
         lines += [

@@ -25,6 +25,7 @@ class TargetProfile(BaseModel):
     weight_symmetric: bool
     per_channel: bool
     reduce_range: bool
+    validate_exact: bool = False
     providers: list[str]
     provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     batch_profile: dict[str, int] | None = None
@@ -37,9 +38,7 @@ class TargetProfile(BaseModel):
 
     @property
     def flavour(self) -> str:
-        return ("U8" if self.activation_type == "uint8" else "S8") + (
-            "U8" if self.weight_type == "uint8" else "S8"
-        )
+        return ("U8" if self.activation_type == "uint8" else "S8") + ("U8" if self.weight_type == "uint8" else "S8")
 
 
 @cache

@@ -42,10 +42,15 @@ class Gate:
         return failures
 
 
-def session(path: Path | bytes, threads: int = 1) -> Any:
+def session(path: Path | bytes, threads: int = 1, exact: bool = False) -> Any:
+    """A CPU session. ``exact`` turns graph optimizations off, so Q/DQ pairs are not fused
+    into this host's integer kernels and each is computed exactly: the reference for
+    artifacts whose device kernels (ARM, TensorRT) differ from x86's saturating U8S8 path."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if exact:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
@@ -87,6 +92,12 @@ def compare(
             "mean_abs_error": float(np.mean([d.mean() for d in diff])),
             "nonfinite": int(sum(int((~np.isfinite(c)).sum()) for c in cand)),
         }
+        if ref[0].ndim == 4 and ref[0].shape[1] == 1 and all(a.min() >= 0 and a.max() <= 1 for a in ref):
+            # A probability map (segmentation, DBNet text detection): IoU of the masks at 0.3,
+            # the binarization threshold DBNet's post-processing uses.
+            inter = sum(int(((a > 0.3) & (b > 0.3)).sum()) for a, b in zip(ref, cand, strict=True))
+            union = sum(int(((a > 0.3) | (b > 0.3)).sum()) for a, b in zip(ref, cand, strict=True))
+            m["mask_iou"] = inter / union if union else 1.0
         if ref[0].ndim == 2 and ref[0].shape[1] > 1:
             ra = np.concatenate([a.argmax(1) for a in ref])
             ca = np.concatenate([b.argmax(1) for b in cand])
@@ -97,7 +108,7 @@ def compare(
     first = output_names[0]
     if labels and all(t is not None for t in truth) and "top1_agreement" in outputs[first]:
         index = {lab: i for i, lab in enumerate(labels)}
-        unknown = sorted({t for t in truth if t not in index})
+        unknown = sorted({t for t in truth if t is not None and t not in index})
         if unknown:
             raise ValueError(f"ground-truth labels {unknown} are not among the model labels {labels}")
         y = np.array([index[t] for t in truth if t is not None])
@@ -128,12 +139,15 @@ def latency_ms(sess: Any, samples: list[Sample], batch: int, runs: int = 20) -> 
     return {"p50": statistics.median(times), "mean": statistics.fmean(times), "runs": len(times)}
 
 
-def layer_sensitivity(fp32: Path, quantized: Path, samples: list[Sample]) -> list[tuple[str, float]]:
+def layer_sensitivity(
+    fp32: Path, quantized: Path, samples: list[Sample], op_types: list[str] | None = None
+) -> list[tuple[str, float]]:
     """Nodes ranked by how much quantization error they add, measured on real data.
 
     Both models are made to expose every float tensor that a node produces; the error of a
     node is (1 - cosine) at its output minus the worst (1 - cosine) at its inputs, so a node
-    is blamed only for the error it adds, not for what it inherits.
+    is blamed only for the error it adds, not for what it inherits. Only nodes of op_types
+    (the ones that were quantized) are ranked: keeping any other node in float changes nothing.
     """
     import onnx
 
@@ -158,6 +172,8 @@ def layer_sensitivity(fp32: Path, quantized: Path, samples: list[Sample]) -> lis
     err = {t: float(np.mean(v)) for t, v in errors.items() if v}
     ranked = []
     for n in nodes:
+        if op_types is not None and n.op_type not in op_types:
+            continue
         outs = [err[o] for o in n.output if o in err]
         if not outs:
             continue

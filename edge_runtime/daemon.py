@@ -1,0 +1,88 @@
+"""`edgert serve`: load every active model, warm it, then serve until SIGTERM.
+
+Ready (/v2/health/ready) only after every model is warm. On SIGTERM or SIGINT: stop
+accepting connections, let queued and in-flight requests finish, exit 0. No network is
+needed at any point: the daemon serves from its state directory alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from edge_runtime.config import ServeConfig
+from edge_runtime.runtime import Runtime
+from edge_runtime.server import ServerState, make_servers
+from edge_runtime.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.store = ModelStore(config.state_dir)
+        self.runtime = Runtime(self.store.trusted_keys(), threads=config.threads, batching=config.batching.settings())
+        self.state = ServerState(self.runtime, config.max_body_bytes)
+        self.servers = make_servers(self.state, config.host, config.port, config.uds, config.max_connections)
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    @property
+    def port(self) -> int:
+        for s in self.servers:
+            addr = getattr(s, "server_address", None)
+            if isinstance(addr, tuple):
+                return int(addr[1])
+        return 0
+
+    def load_models(self) -> None:
+        installed = self.store.active()
+        if not installed:
+            log.warning("no models installed in %s (edgert install BUNDLE --state-dir ...)", self.store.root)
+        for model in installed:
+            override = self.config.models.get(model.name)
+            settings = override.batching.settings() if override and override.batching else None
+            self.runtime.load(model.path, settings)
+
+    def start(self) -> None:
+        for s in self.servers:
+            t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            t.start()
+            self._threads.append(t)
+        # Liveness answers while models load; readiness only once every model is warm.
+        self.load_models()
+        self.state.ready.set()
+        where = [f"http://{self.config.host}:{self.port}"] + ([f"unix:{self.config.uds}"] if self.config.uds else [])
+        print(f"edgert: ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}", flush=True)
+
+    def stop(self) -> None:
+        self.state.stopping.set()
+        for s in self.servers:
+            s.shutdown()  # stop accepting; handler threads already running finish their request
+        for h in self.runtime.models():
+            h.batcher.close(drain=True)
+        deadline = time.monotonic() + 10
+        while any(s for s in self.servers) and time.monotonic() < deadline:
+            break
+        for s in self.servers:
+            s.server_close()
+        if self.config.uds and self.config.uds.exists():
+            self.config.uds.unlink()
+        self.runtime.close()
+        self._stop.set()
+
+    def run(self) -> int:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: draining and stopping", signum)
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        self._stop.wait()
+        print("edgert: stopped cleanly", flush=True)
+        return 0

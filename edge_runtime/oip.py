@@ -1,0 +1,167 @@
+"""Open Inference Protocol v2 (KServe / Triton REST) request and response encoding,
+including the binary tensor data extension (``Inference-Header-Content-Length``).
+
+Pure functions over bytes and numpy arrays, shared by the server and the client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ProtocolError(ValueError):
+    """A request that does not follow the protocol; the message says what and where."""
+
+
+def _tensor_from_json(entry: dict[str, Any], binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(entry, dict):
+        raise ProtocolError(f"each input must be an object, got {type(entry).__name__}")
+    name = entry.get("name")
+    datatype = entry.get("datatype")
+    shape = entry.get("shape")
+    if not isinstance(name, str):
+        raise ProtocolError("input without a string 'name'")
+    if datatype not in OIP_TO_NUMPY:
+        raise ProtocolError(
+            f"input {name!r}: datatype {datatype!r} unsupported; expected one of {sorted(OIP_TO_NUMPY)}"
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    dtype = np.dtype(OIP_TO_NUMPY[datatype])
+    count = int(np.prod(shape)) if shape else 1
+    params = entry.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        if not isinstance(size, int) or size < 0:
+            raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if size != count * dtype.itemsize:
+            raise ProtocolError(
+                f"input {name!r}: binary_data_size {size} does not match shape {shape} of {datatype} "
+                f"({count * dtype.itemsize} bytes)"
+            )
+        if offset + size > len(binary):
+            raise ProtocolError(f"input {name!r}: body holds {len(binary) - offset} binary bytes, {size} expected")
+        arr = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+        return name, arr, offset + size
+    if "data" not in entry:
+        raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size parameter")
+    try:
+        arr = np.asarray(entry["data"], dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ProtocolError(f"input {name!r}: data is not {datatype}: {e}") from e
+    if arr.size != count:
+        raise ProtocolError(f"input {name!r}: {arr.size} values given, shape {shape} needs {count}")
+    return name, arr.reshape(shape), offset
+
+
+def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Body -> (request JSON, input arrays by name)."""
+    if not body:
+        raise ProtocolError("empty request body; expected an inference request JSON")
+    if header_length is not None:
+        if not 0 < header_length <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {header_length} is outside the body of {len(body)} bytes")
+        head, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        request = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed JSON: {e}") from e
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise ProtocolError("request must be an object with a non-empty 'inputs' list")
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry in request["inputs"]:
+        name, arr, offset = _tensor_from_json(entry, binary, offset)
+        if name in feeds:
+            raise ProtocolError(f"input {name!r} given twice")
+        feeds[name] = arr
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} trailing binary bytes not claimed by any input")
+    return request, feeds
+
+
+def wants_binary(request: dict[str, Any], name: str) -> bool:
+    for out in request.get("outputs") or []:
+        if isinstance(out, dict) and out.get("name") == name:
+            return bool((out.get("parameters") or {}).get("binary_data", False))
+    return bool((request.get("parameters") or {}).get("binary_data_output", False))
+
+
+def encode_response(
+    model: str, version: str, request: dict[str, Any], outputs: dict[str, np.ndarray]
+) -> tuple[bytes, int | None]:
+    """-> (body, header length or None when the body is plain JSON)."""
+    requested = [o.get("name") for o in request.get("outputs") or [] if isinstance(o, dict)]
+    names = [n for n in requested if n in outputs] or list(outputs)
+    entries, blobs = [], []
+    for name in names:
+        arr = np.ascontiguousarray(outputs[name])
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": NUMPY_TO_OIP.get(arr.dtype.name, "FP32"),
+            "shape": list(arr.shape),
+        }
+        if wants_binary(request, name):
+            blob = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
+    if "id" in request:
+        response["id"] = request["id"]
+    head = json.dumps(response, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+def encode_request(
+    feeds: dict[str, np.ndarray], binary: bool = True, output_names: list[str] | None = None
+) -> tuple[bytes, int | None]:
+    inputs, blobs = [], []
+    for name, arr in feeds.items():
+        arr = np.ascontiguousarray(arr)
+        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_OIP[arr.dtype.name], "shape": list(arr.shape)}
+        if binary:
+            blob = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        inputs.append(entry)
+    request: dict[str, Any] = {"inputs": inputs}
+    if binary:
+        request["parameters"] = {"binary_data_output": True}
+    if output_names:
+        request["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in output_names]
+    head = json.dumps(request, separators=(",", ":")).encode()
+    return (head + b"".join(blobs), len(head)) if binary else (head, None)
+
+
+def decode_response(body: bytes, header_length: int | None) -> dict[str, np.ndarray]:
+    head = body[:header_length] if header_length else body
+    binary = memoryview(body)[header_length:] if header_length else memoryview(b"")
+    doc = json.loads(head)
+    if "error" in doc:
+        raise ProtocolError(doc["error"])
+    out, offset = {}, 0
+    for entry in doc["outputs"]:
+        dtype = np.dtype(OIP_TO_NUMPY[entry["datatype"]])
+        size = (entry.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            out[entry["name"]] = np.frombuffer(binary[offset : offset + size], dtype).reshape(entry["shape"]).copy()
+            offset += size
+        else:
+            out[entry["name"]] = np.asarray(entry["data"], dtype).reshape(entry["shape"])
+    return out

@@ -1,0 +1,270 @@
+"""The daemon's HTTP API: Open Inference Protocol v2 on loopback TCP and/or a unix socket,
+plus /metrics in the Prometheus text format.
+
+The standard library's threaded HTTP server, one thread per connection with keep-alive and
+a cap on connections: no framework on the device, and every request ends in a thread that
+waits on the model's batcher anyway. Errors are JSON ``{"error": "..."}`` with the status
+the protocol's clients expect: 400 bad input, 404 unknown model, 413 too large, 429 queue
+full, 503 not ready or shutting down, 504 timed out in the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from edge_runtime import __version__
+from edge_runtime.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
+from edge_runtime.oip import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+from edge_runtime.runtime import ModelNotFoundError, Runtime
+from edge_runtime.tensors import NUMPY_TO_OIP, InputError
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    def __init__(self, runtime: Runtime, max_body_bytes: int) -> None:
+        self.runtime = runtime
+        self.max_body_bytes = max_body_bytes
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+
+
+def model_metadata(runtime: Runtime, name: str, version: str | None) -> dict[str, Any]:
+    handle = runtime.get(name, version)
+    m = handle.manifest
+
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t.name,
+                "datatype": NUMPY_TO_OIP.get(t.dtype, t.dtype),
+                "shape": [d if isinstance(d, int) else -1 for d in t.shape],
+            }
+            for t in specs
+        ]
+
+    return {
+        "name": m.name,
+        "versions": [m.version],
+        "platform": "onnxruntime_onnx" if m.runtime == "onnxruntime" else "tensorflow_lite",
+        "inputs": tensors(m.inputs),
+        "outputs": tensors(m.outputs),
+        "parameters": {
+            "target": m.target,
+            "precision": m.precision,
+            "labels": m.labels,
+            "max_batch": handle.settings.max_batch,
+            "providers": handle.current.backend.active_providers,
+        },
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"edgert/{__version__}"
+    state: ServerState  # set on the subclass made per server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def address_string(self) -> str:
+        return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "uds"
+
+    # --- responses -------------------------------------------------------------------
+
+    def _send(
+        self, status: int, body: bytes, content_type: str = "application/json", headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.state.stopping.is_set():
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict[str, Any]) -> None:
+        self._send(status, json.dumps(doc).encode())
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    # --- routing ---------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        rt = self.state.runtime
+        if path == "/v2/health/live":
+            self._json(200, {"live": True})
+        elif path == "/v2/health/ready":
+            ok = self.state.ready.is_set() and not self.state.stopping.is_set()
+            self._json(200 if ok else 503, {"ready": ok})
+        elif path == "/v2":
+            self._json(200, {"name": "edgert", "version": __version__, "extensions": ["binary_tensor_data"]})
+        elif path == "/metrics":
+            self._send(200, rt.metrics.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path.startswith("/v2/models/"):
+            name, version, rest = _parse_model_path(path)
+            try:
+                if rest == "ready":
+                    rt.get(name, version)
+                    self._json(200, {"name": name, "ready": self.state.ready.is_set()})
+                elif rest == "":
+                    self._json(200, model_metadata(rt, name, version))
+                else:
+                    self._error(404, f"no such endpoint: {self.path}")
+            except ModelNotFoundError as e:
+                self._error(404, str(e))
+        else:
+            self._error(404, f"no such endpoint: {self.path}")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if not path.startswith("/v2/models/"):
+            self._drain_body()
+            self._error(404, f"no such endpoint: {self.path}")
+            return
+        name, version, rest = _parse_model_path(path)
+        if rest != "infer":
+            self._drain_body()
+            self._error(404, f"no such endpoint: {self.path}")
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        if self.state.stopping.is_set() or not self.state.ready.is_set():
+            self._error(503, "server is not ready (starting or shutting down)")
+            return
+        self._infer(name, version, body)
+
+    def _drain_body(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= self.state.max_body_bytes:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
+    def _read_body(self) -> bytes | None:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            self._error(411, "chunked bodies are not supported; send Content-Length")
+            return None
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._error(411, "Content-Length header required")
+            return None
+        n = int(length)
+        if n > self.state.max_body_bytes:
+            self.close_connection = True  # do not read it: the socket is dropped after the reply
+            self._error(413, f"body of {n} bytes exceeds the limit of {self.state.max_body_bytes}")
+            return None
+        body = self.rfile.read(n)
+        if len(body) != n:
+            self.close_connection = True
+            return None
+        return body
+
+    def _infer(self, name: str, version: str | None, body: bytes) -> None:
+        rt = self.state.runtime
+        try:
+            header = self.headers.get(HEADER_LENGTH)
+            header_len = int(header) if header is not None else None
+            request, feeds = decode_request(body, header_len)
+            timeout = (request.get("parameters") or {}).get("timeout_ms")
+            timeout_ms = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+            fut = rt.submit(name, feeds, version, timeout_ms)
+            outputs = fut.result(timeout=(timeout_ms or rt.batching.timeout_ms) / 1000.0 + 30.0)
+            handle = rt.get(name)
+            out_body, out_header = encode_response(name, handle.current.version, request, outputs)
+        except ModelNotFoundError as e:
+            self._error(404, str(e))
+        except (ProtocolError, InputError, ValueError) as e:
+            self._error(400, str(e))
+        except QueueFullError as e:
+            self._error(429, str(e))
+        except (RequestTimeoutError, FutureTimeout) as e:
+            self._error(504, str(e) or "request timed out")
+        except BatcherClosedError as e:
+            self._error(503, str(e))
+        except Exception as e:  # the model itself failed: report, keep serving
+            log.exception("inference on %s failed", name)
+            self._error(500, f"model {name!r} failed: {type(e).__name__}: {e}")
+        else:
+            headers = {HEADER_LENGTH: str(out_header)} if out_header is not None else None
+            ctype = "application/octet-stream" if out_header is not None else "application/json"
+            self._send(200, out_body, ctype, headers)
+
+
+def _parse_model_path(path: str) -> tuple[str, str | None, str]:
+    parts = path.split("/")[3:]  # after "", "v2", "models"
+    name = parts[0] if parts else ""
+    version = None
+    rest = parts[1:]
+    if len(rest) >= 2 and rest[0] == "versions":
+        version, rest = rest[1], rest[2:]
+    return name, version, "/".join(rest)
+
+
+class _BoundedThreadingMixIn(socketserver.ThreadingMixIn):
+    """One thread per connection, at most max_connections at once (memory stays flat)."""
+
+    daemon_threads = True
+    block_on_close = False
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(timeout=5):
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class TCPServer(_BoundedThreadingMixIn, ThreadingHTTPServer):
+    pass
+
+
+class UnixServer(_BoundedThreadingMixIn, socketserver.UnixStreamServer):
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request, _ = super().get_request()
+        return request, ("uds", 0)
+
+
+def make_servers(
+    state: ServerState, host: str, port: int | None, uds: Path | None, max_connections: int
+) -> list[socketserver.BaseServer]:
+    handler = type("BoundHandler", (Handler,), {"state": state})
+    servers: list[socketserver.BaseServer] = []
+    if port is not None:
+        tcp = TCPServer((host, port), handler)
+        tcp.slots = threading.BoundedSemaphore(max_connections)
+        servers.append(tcp)
+    if uds is not None:
+        if uds.exists():
+            uds.unlink()
+        unix = UnixServer(str(uds), handler)
+        os.chmod(uds, 0o660)
+        unix.slots = threading.BoundedSemaphore(max_connections)
+        servers.append(unix)
+    return servers

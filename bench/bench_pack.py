@@ -124,7 +124,7 @@ def plot(rows: list[dict[str, object]], path: Path, target: str) -> None:
             ("fp32_mb", "int8_mb", "model size (MB)"),
             ("fp32_b1_ms", "int8_b1_ms", "latency batch 1 (ms)"),
             ("fp32_b8_ms", "int8_b8_ms", "latency batch 8 (ms)"),
-        ],  # fmt: skip
+        ],
         strict=True,
     ):
         ax.bar(x - 0.2, [float(r[a] or 0) for r in rows], 0.4, label="fp32")  # type: ignore[arg-type]

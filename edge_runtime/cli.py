@@ -219,6 +219,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return fail(f"edgert serve: cannot load models: {e}")
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    from edge_runtime.batch_infer import run_batch
+    from edge_runtime.batcher import BatchSettings
+    from edge_runtime.runtime import Runtime
+
+    try:
+        runtime = Runtime(
+            load_public_keys(args.key), threads=args.threads, batching=BatchSettings(max_batch=args.batch)
+        )
+        handle = runtime.load(Path(args.bundle))
+        n = run_batch(runtime, handle.name, Path(args.input), Path(args.out), Path(args.csv) if args.csv else None)
+    except (BundleError, ValueError, OSError) as e:
+        return fail(f"edgert infer: {e}")
+    console.print(f"scored {n} new items into {args.out}")
+    runtime.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge_runtime.demo import run_demo
 
@@ -294,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, help="override every model's max batch")
     sv.add_argument("--max-delay-ms", type=float, help="override every model's max queue delay")
     sv.set_defaults(func=cmd_serve)
+
+    inf = sub.add_parser("infer", help="score an image folder, video or .npy folder offline (resumable)")
+    inf.add_argument("bundle")
+    inf.add_argument("input")
+    inf.add_argument("-o", "--out", required=True, help="JSON lines output; re-running resumes it")
+    inf.add_argument("--csv", help="also write a CSV summary here")
+    inf.add_argument("--key", required=True, action="append", help="trusted public key")
+    inf.add_argument("--batch", type=int, default=16)
+    inf.add_argument("--threads", type=int, default=0)
+    inf.set_defaults(func=cmd_infer)
 
     demo = sub.add_parser("demo", help="fetch a real model, pack it, verify, load and run it")
     demo.add_argument("--workdir", default="out/demo")

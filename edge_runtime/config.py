@@ -7,7 +7,7 @@ Command-line flags override the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,8 +35,24 @@ class BatchingConfig(_Strict):
         return BatchSettings(self.max_batch, self.max_delay_ms, tuple(self.preferred), self.max_queue, self.timeout_ms)
 
 
+class CacheConfig(_Strict):
+    entries: int = Field(1024, ge=1, description="results kept, least recently used evicted")
+    max_age_s: float = Field(300.0, gt=0, description="a cached result older than this is recomputed")
+
+
 class ModelConfig(_Strict):
     batching: BatchingConfig | None = Field(None, description="overrides the server-wide batching")
+    cache: CacheConfig | None = Field(None, description="prediction cache keyed by the input's hash (off if absent)")
+
+
+class SourceConfig(_Strict):
+    name: str = Field(description="source name, used in results and metrics")
+    model: str = Field(description="name of the installed model that runs the frames")
+    kind: Literal["camera", "video", "url", "images"] = Field(description="OpenCV camera, file, stream, folder")
+    uri: str = Field(description="camera index, video path, rtsp:// or http:// URL, or image folder")
+    fps: float = Field(10.0, ge=0, description="frames read per second (0 = as fast as the source gives)")
+    loop: bool = Field(True, description="restart a video file or image folder at its end")
+    queue: int = Field(2, ge=1, description="frames waiting for inference; beyond it the oldest is dropped")
 
 
 class ServeConfig(_Strict):
@@ -49,6 +65,7 @@ class ServeConfig(_Strict):
     max_connections: int = Field(128, ge=1, description="concurrent HTTP connections (threads)")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="per-model settings by name")
+    sources: list[SourceConfig] = Field(default_factory=list, description="sensor frame sources")
 
 
 def _line_map(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from types import FrameType
 
+from edge_runtime.cache import PredictionCache
 from edge_runtime.config import ServeConfig
+from edge_runtime.results import ResultHub
 from edge_runtime.runtime import Runtime
 from edge_runtime.server import ServerState, make_servers
+from edge_runtime.sources import FrameSource
 from edge_runtime.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,9 @@ class Daemon:
         self.config = config
         self.store = ModelStore(config.state_dir)
         self.runtime = Runtime(self.store.trusted_keys(), threads=config.threads, batching=config.batching.settings())
-        self.state = ServerState(self.runtime, config.max_body_bytes)
+        self.hub = ResultHub()
+        self.sources: list[FrameSource] = []
+        self.state = ServerState(self.runtime, config.max_body_bytes, self.hub)
         self.servers = make_servers(self.state, config.host, config.port, config.uds, config.max_connections)
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -46,7 +50,25 @@ class Daemon:
         for model in installed:
             override = self.config.models.get(model.name)
             settings = override.batching.settings() if override and override.batching else None
-            self.runtime.load(model.path, settings)
+            cache = (
+                PredictionCache(override.cache.entries, override.cache.max_age_s)
+                if override and override.cache
+                else None
+            )
+            self.runtime.load(model.path, settings, cache)
+
+    def reload(self) -> None:
+        """Converge on the store's active pointers: hot-swap changed versions, load new models."""
+        loaded = {h.name: h.current.version for h in self.runtime.models()}
+        self.runtime.trusted_keys = self.store.trusted_keys()
+        for model in self.store.active():
+            try:
+                if model.name not in loaded:
+                    self.runtime.load(model.path)
+                elif loaded[model.name] != model.version:
+                    self.runtime.swap(model.path)
+            except Exception as e:  # a bad new version must never take the serving one down
+                log.error("reload of %s %s refused: %s", model.name, model.version, e)
 
     def start(self) -> None:
         for s in self.servers:
@@ -55,19 +77,22 @@ class Daemon:
             self._threads.append(t)
         # Liveness answers while models load; readiness only once every model is warm.
         self.load_models()
+        for cfg in self.config.sources:
+            source = FrameSource(cfg, self.runtime, self.hub)
+            source.start()
+            self.sources.append(source)
         self.state.ready.set()
         where = [f"http://{self.config.host}:{self.port}"] + ([f"unix:{self.config.uds}"] if self.config.uds else [])
         print(f"edgert: ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}", flush=True)
 
     def stop(self) -> None:
         self.state.stopping.set()
+        for source in self.sources:
+            source.stop()
         for s in self.servers:
             s.shutdown()  # stop accepting; handler threads already running finish their request
         for h in self.runtime.models():
             h.batcher.close(drain=True)
-        deadline = time.monotonic() + 10
-        while any(s for s in self.servers) and time.monotonic() < deadline:
-            break
         for s in self.servers:
             s.server_close()
         if self.config.uds and self.config.uds.exists():
@@ -80,8 +105,12 @@ class Daemon:
             log.info("signal %d: draining and stopping", signum)
             threading.Thread(target=self.stop, daemon=True).start()
 
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            threading.Thread(target=self.reload, name="reload", daemon=True).start()
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
         self.start()
         self._stop.wait()
         print("edgert: stopped cleanly", flush=True)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime.backends import Backend, BackendOptions, create_backend
 from edge_runtime.batcher import Batcher, BatchObserver, BatchSettings
 from edge_runtime.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
+from edge_runtime.cache import PredictionCache
 from edge_runtime.metrics import BATCH_BUCKETS, Registry, rss_bytes
 from edge_runtime.tensors import InputError, check_inputs
 
@@ -59,6 +60,8 @@ class RuntimeMetrics:
         self.loaded = r.gauge("edgert_model_loaded", "1 for each resident model version", ("model", "version"))
         self.swaps = r.counter("edgert_model_swaps_total", "Hot swaps completed", m)
         self.rss = r.gauge("edgert_process_resident_memory_bytes", "Resident set size of the process")
+        self.cache_hits = r.counter("edgert_cache_hits_total", "Requests answered from the prediction cache", m)
+        self.cache_misses = r.counter("edgert_cache_misses_total", "Cacheable requests that were computed", m)
         r.on_collect(lambda: self.rss.set(rss_bytes()))
 
 
@@ -138,6 +141,7 @@ class ModelHandle:
             on_progress=self._touch,
         )
         self.last_progress = time.monotonic()
+        self.cache: PredictionCache | None = None
         self.batcher = Batcher(self._run, settings, observer, name)
 
     @property
@@ -229,7 +233,9 @@ class Runtime:
         )
         return version
 
-    def load(self, source: Path | bytes | Bundle, settings: BatchSettings | None = None) -> ModelHandle:
+    def load(
+        self, source: Path | bytes | Bundle, settings: BatchSettings | None = None, cache: PredictionCache | None = None
+    ) -> ModelHandle:
         """Verify, load and warm a bundle; returns once the model is ready to answer."""
         bundle = self._open(source)
         name = bundle.manifest.name
@@ -240,6 +246,7 @@ class Runtime:
         handle = ModelHandle(
             name, version, batch_settings_for(bundle.manifest, settings or self.batching), self.metrics
         )
+        handle.cache = cache
         with self._lock:
             self._models[name] = handle
         return handle
@@ -307,6 +314,16 @@ class Runtime:
         except InputError:
             self.metrics.rejected.inc(model=name, reason="bad_input")
             raise
+        key = None
+        if handle.cache is not None:
+            key = PredictionCache.key(handle.current.version, feeds)
+            hit = handle.cache.get(key)
+            if hit is not None:
+                self.metrics.cache_hits.inc(model=name)
+                done: Future[dict[str, np.ndarray]] = Future()
+                done.set_result(hit)
+                return done
+            self.metrics.cache_misses.inc(model=name)
         rows = batch or 1
         if handle.settings.batchable and rows > handle.settings.max_batch:
             self.metrics.rejected.inc(model=name, reason="bad_input")
@@ -318,6 +335,9 @@ class Runtime:
             raise
         self.metrics.queue_depth.set(handle.batcher.depth, model=name)
         fut.add_done_callback(lambda f: self._count_failure(name, f))
+        if key is not None and handle.cache is not None:
+            cache = handle.cache
+            fut.add_done_callback(lambda f: cache.put(key, f.result()) if f.exception() is None else None)
         return fut
 
     def _count_failure(self, name: str, fut: Future[Any]) -> None:

@@ -16,6 +16,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from edge_runtime import __version__
 from edge_runtime.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
 from edge_runtime.oip import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+from edge_runtime.results import ResultHub
 from edge_runtime.runtime import ModelNotFoundError, Runtime
 from edge_runtime.tensors import NUMPY_TO_OIP, InputError
 
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 class ServerState:
-    def __init__(self, runtime: Runtime, max_body_bytes: int) -> None:
+    def __init__(self, runtime: Runtime, max_body_bytes: int, hub: ResultHub | None = None) -> None:
         self.runtime = runtime
+        self.hub = hub or ResultHub()
         self.max_body_bytes = max_body_bytes
         self.ready = threading.Event()
         self.stopping = threading.Event()
@@ -114,6 +117,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200 if ok else 503, {"ready": ok})
         elif path == "/v2":
             self._json(200, {"name": "edgert", "version": __version__, "extensions": ["binary_tensor_data"]})
+        elif path == "/v2/stream":
+            self._stream()
         elif path == "/metrics":
             self._send(200, rt.metrics.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path.startswith("/v2/models/"):
@@ -132,6 +137,39 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such endpoint: {self.path}")
 
     do_HEAD = do_GET
+
+    def _stream(self) -> None:
+        """Server-Sent Events: one `data:` JSON line per frame result, until the client goes."""
+        query = dict(p.split("=", 1) for p in self.path.partition("?")[2].split("&") if "=" in p)
+        wanted = query.get("source")
+        sub = self.state.hub.subscribe()
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b": edgert results stream\n\n")
+            self.wfile.flush()
+            last = time.monotonic()
+            while not self.state.stopping.is_set():
+                result = sub.get(timeout=0.5)
+                if result is None:
+                    if time.monotonic() - last > 15:
+                        self.wfile.write(b": keep-alive\n\n")  # proxies and clients see the stream is alive
+                        self.wfile.flush()
+                        last = time.monotonic()
+                    continue
+                if wanted and result.get("source") != wanted:
+                    continue
+                self.wfile.write(b"event: result\ndata: " + json.dumps(result).encode() + b"\n\n")
+                self.wfile.flush()
+                last = time.monotonic()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            sub.close()
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")

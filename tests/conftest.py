@@ -153,3 +153,14 @@ def installed_state(orientation_bundle: Path, keys: Path, tmp_path_factory: pyte
         "install", str(orientation_bundle), "--state-dir", str(state), "--trust", str(keys / "signing.pub"), check=True
     )
     return state
+
+
+def reversion(bundle: Path, version: str, keys: Path, out: Path, **changes: object) -> Path:
+    """The same model re-signed as another version (a real signed bundle, no repacking)."""
+    from edge_runtime.bundle import load_private_key, load_public_keys, read_bundle, write_bundle
+
+    b = read_bundle(bundle, load_public_keys([keys / "signing.pub"]))
+    fields = b.manifest.model_dump(mode="json")
+    fields.update(version=version, files=[], created="", **changes)
+    write_bundle(out, fields, b.files, load_private_key(keys / "signing.key"))
+    return out

@@ -76,7 +76,8 @@ def test_frames_dropped_when_inference_falls_behind(
     cfg = tmp_path / "edgert.yaml"
     # 0 fps = as fast as the folder can be read: far faster than the model runs.
     cfg.write_text(
-        f"sources:\n  - {{name: flood, model: orientation, kind: images, uri: '{orientation_data[1]}', fps: 0, queue: 1}}\n"
+        "sources:\n"
+        f"  - {{name: flood, model: orientation, kind: images, uri: '{orientation_data[1]}', fps: 0, queue: 1}}\n"
     )
     d = Daemon(installed_state, "--config", str(cfg), "--threads", "1")
     try:

@@ -40,7 +40,9 @@ class BatcherClosedError(RuntimeError):
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch: int = 8
-    max_delay_ms: float = 2.0
+    # 0, as in Triton: batches form by themselves while the model is busy; a positive delay
+    # trades latency at low load for larger batches.
+    max_delay_ms: float = 0.0
     preferred: tuple[int, ...] = ()
     max_queue: int = 256
     timeout_ms: float = 10_000.0

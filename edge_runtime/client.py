@@ -38,6 +38,12 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class _TCPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see server.Handler.setup
+
+
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0) -> None:
         self.url = url
@@ -50,7 +56,7 @@ class Client:
                 self._conn = _UnixConnection(self.url[5:], self.timeout)
             else:
                 u = urlparse(self.url)
-                self._conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=self.timeout)
+                self._conn = _TCPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=self.timeout)
         return self._conn
 
     def _request(

@@ -27,7 +27,9 @@ class Daemon:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.store = ModelStore(config.state_dir)
-        self.runtime = Runtime(self.store.trusted_keys(), threads=config.threads, batching=config.batching.settings())
+        self.runtime = Runtime(
+            self.store.trusted_keys(), threads=config.threads, batching=config.batching.settings(), spin=config.spin
+        )
         self.hub = ResultHub()
         self.sources: list[FrameSource] = []
         self.state = ServerState(self.runtime, config.max_body_bytes, self.hub)

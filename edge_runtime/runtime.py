@@ -197,8 +197,10 @@ class Runtime:
         batching: BatchSettings | None = None,
         metrics: RuntimeMetrics | None = None,
         delegate: str | None = None,
+        spin: bool = True,
     ) -> None:
         self.trusted_keys = list(trusted_keys)
+        self.spin = spin
         self.threads = threads
         self.batching = batching or BatchSettings()
         self.metrics = metrics or RuntimeMetrics()
@@ -209,7 +211,9 @@ class Runtime:
     # --- loading -----------------------------------------------------------------------
 
     def _open(self, source: Path | bytes | Bundle) -> Bundle:
-        return source if isinstance(source, Bundle) else read_bundle(source, self.trusted_keys)
+        if isinstance(source, Bundle):
+            return source
+        return read_bundle(source, self.trusted_keys, check_external_data=False)  # loaded from bytes below
 
     def _load_version(self, bundle: Bundle) -> ModelVersion:
         m = bundle.manifest
@@ -218,6 +222,7 @@ class Runtime:
             providers=list(m.runtime_options.get("providers") or ["CPUExecutionProvider"]),
             provider_options=dict(m.runtime_options.get("provider_options") or {}),
             delegate=self.delegate,
+            spin=self.spin,
         )
         version = ModelVersion(bundle, opts)
         self.metrics.load_s.set(version.load_s, model=m.name, version=m.version)

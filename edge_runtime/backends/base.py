@@ -15,6 +15,7 @@ class BackendOptions:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     delegate: str | None = None  # LiteRT external delegate library path (NPUs)
+    spin: bool = True  # ONNX Runtime intra-op spin-waiting
 
 
 class Backend(Protocol):

@@ -33,6 +33,10 @@ class OnnxRuntimeBackend:
         if options.threads:
             opts.intra_op_num_threads = options.threads
         opts.inter_op_num_threads = 1
+        if not options.spin:
+            # On a few cores shared with HTTP and capture threads, spinning workers steal the CPU
+            # those threads need between runs.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # Loading from bytes: a model cannot reach files through external-data references.
         self._session = ort.InferenceSession(model, opts, providers=providers)
         self.active_providers: list[str] = list(self._session.get_providers())

@@ -77,6 +77,15 @@ RECIPES: dict[str, ModelRecipe] = {
             preprocess={"size": (320, 320), "resize": "letterbox", "color": "bgr", **PPOCR},
         ),
         ModelRecipe(
+            key="selfie-segmentation",
+            wheel="mediapipe==0.10.14",
+            member="mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
+            sha256="9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
+            license="Apache-2.0",
+            description="MediaPipe selfie segmentation, TFLite with fp16 weights ([1,256,256,3] -> mask)",
+            preprocess={"size": (256, 256), "layout": "nhwc", "color": "rgb", "scale": 1 / 255},
+        ),
+        ModelRecipe(
             key="silero-vad",
             wheel="silero-vad==6.2.3",
             member="silero_vad/data/silero_vad_16k_op15.onnx",
@@ -103,13 +112,13 @@ def fetch(key: str, quiet: bool = True) -> Path:
         recipe = RECIPES[key]
     except KeyError:
         raise KeyError(f"unknown model {key!r}; known: {', '.join(RECIPES)}") from None
-    dest = cache_dir() / "models" / f"{recipe.key}.onnx"
+    dest = cache_dir() / "models" / f"{recipe.key}{Path(recipe.member).suffix}"
     if dest.exists() and _sha256(dest) == recipe.sha256:
         return dest
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     name, version = recipe.wheel.split("==")
-    prefix = name.replace("-", "_") + "-" + version
+    prefix = name.replace("-", "_") + "-" + version  # platform wheels (mediapipe) match this host
     found = sorted(wheels.glob(f"{prefix}-*.whl"))
     if not found:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", recipe.wheel, "-d", str(wheels)]

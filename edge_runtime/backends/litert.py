@@ -29,7 +29,9 @@ class LiteRTBackend:
                 delegates.append(load_delegate(options.delegate))
                 self.active_providers = [f"delegate:{options.delegate}"]
             except (ValueError, OSError, RuntimeError) as e:
-                log.warning("cannot load delegate %s (%s); falling back to XNNPACK on the CPU", options.delegate, e)
+                log.warning(
+                    "cannot load delegate %s (%s); falling back to XNNPACK on the CPU", options.delegate, str(e)
+                )
         self._interp = Interpreter(
             model_content=model, num_threads=options.threads or None, experimental_delegates=delegates or None
         )

@@ -52,7 +52,7 @@ def test_runtime_runs_tflite(selfie_bundle: Path, keys: Path) -> None:
     x = preprocess(img, handle.manifest.preprocess)[None]  # type: ignore[arg-type]
     mask = rt.infer("selfie", {"input_1": x})["activation_10"]
     assert mask.shape == (1, 256, 256, 1) and np.isfinite(mask).all()
-    assert 0.0 <= mask.min() and mask.max() <= 1.0
+    assert mask.min() >= 0.0 and mask.max() <= 1.0
     rt.close()
 
 

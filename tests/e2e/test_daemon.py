@@ -226,11 +226,19 @@ def test_overload_is_rejected_and_counted(installed_state: Path, tmp_path: Path)
                     with lock:
                         statuses[code] += 1
 
-        threads = [threading.Thread(target=worker) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        def overload() -> None:
+            threads = [threading.Thread(target=worker) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        overload()  # first round: arenas, thread stacks and buffers reach their working size
+        rss_before = _metric(Client(d.url).metrics(), "edgert_process_resident_memory_bytes")
+        for _ in range(3):
+            overload()
+        rss_after = _metric(Client(d.url).metrics(), "edgert_process_resident_memory_bytes")
+        assert rss_after - rss_before < 30e6, f"RSS grew {(rss_after - rss_before) / 1e6:.1f} MB under overload"
         assert statuses[429] > 0 and statuses[200] > 0 and set(statuses) <= {200, 429}, statuses
         text = Client(d.url).metrics()
         assert (

@@ -237,6 +237,35 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_image(args: argparse.Namespace) -> int:
+    from edge_runtime.image import DEFAULT_CONFIG, DEFAULT_UNIT, ImageError, build_image
+
+    try:
+        config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
+        index = build_image(
+            Path(args.out), Path(args.binary), [Path(b) for b in args.bundle], [Path(k) for k in args.trust],
+            Path(args.unit) if args.unit else DEFAULT_UNIT, config,
+        )  # fmt: skip
+    except (ImageError, BundleError, OSError) as e:
+        return fail(f"edgert device-image: {e}")
+    console.print(f"wrote {args.out}: {len(index)} files")
+    return 0
+
+
+def cmd_device_install(args: argparse.Namespace) -> int:
+    from edge_runtime.image import ImageError, install_image
+
+    try:
+        report = install_image(Path(args.image), Path(args.root))
+    except (ImageError, BundleError, OSError) as e:
+        return fail(f"edgert device-install: {e}")
+    console.print(
+        f"installed into {args.root}: {len(report.written)} written, {len(report.unchanged)} unchanged, "
+        f"kept local {report.kept or 'none'}, seeded {report.seeded or 'none'}"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge_runtime.demo import run_demo
 
@@ -323,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--threads", type=int, default=0)
     inf.set_defaults(func=cmd_infer)
 
+    img = sub.add_parser("device-image", help="write a root-filesystem tarball: binary, unit, config, keys, bundles")
+    img.add_argument("-o", "--out", required=True)
+    img.add_argument("--binary", required=True, help="the single binary (packaging/build-binary.sh)")
+    img.add_argument("--bundle", action="append", default=[], help="initial bundle; repeatable")
+    img.add_argument("--trust", action="append", required=True, help="trusted public key (file or dir)")
+    img.add_argument("--unit", help="systemd unit (default: systemd/edgert.service)")
+    img.add_argument("--config", help="default edgert.yaml")
+    img.set_defaults(func=cmd_device_image)
+
+    dins = sub.add_parser("device-install", help="lay a device image into a root directory (idempotent)")
+    dins.add_argument("image")
+    dins.add_argument("--root", required=True, help="target root file system, e.g. a mounted image")
+    dins.set_defaults(func=cmd_device_install)
+
     demo = sub.add_parser("demo", help="fetch a real model, pack it, verify, load and run it")
     demo.add_argument("--workdir", default="out/demo")
     demo.set_defaults(func=cmd_demo)
@@ -339,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in {"onnx", "edge_runtime", "sympy", "matplotlib", "tensorflow"}:
+            return fail(
+                f"edgert {args.command}: this build lacks {e.name} (the device binary has no host tools); "
+                "install the host package: pip install 'edge-runtime[pack]'"
+            )
+        raise
 
 
 if __name__ == "__main__":

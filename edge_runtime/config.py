@@ -59,6 +59,9 @@ class SourceConfig(_Strict):
 
 class ServeConfig(_Strict):
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="model store, keys, outbox")
+    trust_dirs: list[Path] = Field(
+        default_factory=list, description="more directories of trusted *.pub keys (besides STATE/keys)"
+    )
     host: str = Field("127.0.0.1", description="TCP address; loopback unless you mean to expose it")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     uds: Path | None = Field(None, description="also serve on this unix domain socket")

@@ -12,6 +12,9 @@ import signal
 import threading
 from types import FrameType
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime.bundle import load_public_keys
 from edge_runtime.cache import PredictionCache
 from edge_runtime.config import ServeConfig
 from edge_runtime.results import ResultHub
@@ -19,6 +22,7 @@ from edge_runtime.runtime import Runtime
 from edge_runtime.server import ServerState, make_servers
 from edge_runtime.sources import FrameSource
 from edge_runtime.store import ModelStore
+from edge_runtime.systemd import Notifier, Watchdog, loop_progressing, watchdog_interval
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ class Daemon:
         self.config = config
         self.store = ModelStore(config.state_dir)
         self.runtime = Runtime(
-            self.store.trusted_keys(), threads=config.threads, batching=config.batching.settings(), spin=config.spin
+            self.trusted_keys(), threads=config.threads, batching=config.batching.settings(), spin=config.spin
         )
         self.hub = ResultHub()
         self.sources: list[FrameSource] = []
@@ -36,6 +40,12 @@ class Daemon:
         self.servers = make_servers(self.state, config.host, config.port, config.uds, config.max_connections)
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self.notifier = Notifier()
+        self.watchdog: Watchdog | None = None
+
+    def trusted_keys(self) -> list[Ed25519PublicKey]:
+        extra = [d for d in self.config.trust_dirs if d.is_dir()]
+        return self.store.trusted_keys() + (load_public_keys(extra) if extra else [])
 
     @property
     def port(self) -> int:
@@ -50,6 +60,7 @@ class Daemon:
         if not installed:
             log.warning("no models installed in %s (edgert install BUNDLE --state-dir ...)", self.store.root)
         for model in installed:
+            self.notifier.status(f"loading and warming {model.name} {model.version}")
             override = self.config.models.get(model.name)
             settings = override.batching.settings() if override and override.batching else None
             cache = (
@@ -62,7 +73,7 @@ class Daemon:
     def reload(self) -> None:
         """Converge on the store's active pointers: hot-swap changed versions, load new models."""
         loaded = {h.name: h.current.version for h in self.runtime.models()}
-        self.runtime.trusted_keys = self.store.trusted_keys()
+        self.runtime.trusted_keys = self.trusted_keys()
         for model in self.store.active():
             try:
                 if model.name not in loaded:
@@ -85,10 +96,22 @@ class Daemon:
             self.sources.append(source)
         self.state.ready.set()
         where = [f"http://{self.config.host}:{self.port}"] + ([f"unix:{self.config.uds}"] if self.config.uds else [])
-        print(f"edgert: ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}", flush=True)
+        summary = f"ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}"
+        self.notifier.ready(summary)  # only now: every model is loaded and warmed
+        interval = watchdog_interval()
+        if interval:
+            self.watchdog = Watchdog(self.notifier, interval, self._progressing)
+            self.watchdog.start()
+        print(f"edgert: {summary}", flush=True)
+
+    def _progressing(self, within: float) -> bool:
+        return loop_progressing([h.last_progress for h in self.runtime.models()], within)
 
     def stop(self) -> None:
         self.state.stopping.set()
+        self.notifier.stopping()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for source in self.sources:
             source.stop()
         for s in self.servers:

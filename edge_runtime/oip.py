@@ -104,7 +104,7 @@ def encode_response(
     names = [n for n in requested if n in outputs] or list(outputs)
     entries, blobs = [], []
     for name in names:
-        arr = np.ascontiguousarray(outputs[name])
+        arr = np.asarray(outputs[name], order="C")
         entry: dict[str, Any] = {
             "name": name,
             "datatype": NUMPY_TO_OIP.get(arr.dtype.name, "FP32"),
@@ -131,7 +131,7 @@ def encode_request(
 ) -> tuple[bytes, int | None]:
     inputs, blobs = [], []
     for name, arr in feeds.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # not ascontiguousarray: it turns a 0-d scalar into shape [1]
         entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_OIP[arr.dtype.name], "shape": list(arr.shape)}
         if binary:
             blob = arr.tobytes()

@@ -125,3 +125,9 @@ def test_missing_gpu_providers_fall_back_to_cpu(caplog: pytest.LogCaptureFixture
     assert "TensorrtExecutionProvider is not available" in caplog.text
     out = b.run({"x": np.zeros((1, 3, 48, 192), np.float32)})
     assert out[0].shape == (1, 2)
+
+
+def test_oip_keeps_scalars_scalar() -> None:
+    body, hl = encode_request({"sr": np.array(16000, np.int64)})
+    _, got = decode_request(body, hl)
+    assert got["sr"].shape == () and int(got["sr"]) == 16000

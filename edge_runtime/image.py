@@ -1,0 +1,160 @@
+"""Device image: a tarball laid out like the target root file system, and its installer.
+
+    usr/bin/edgert                              the single binary (packaging/build-binary.sh)
+    etc/systemd/system/edgert.service           the unit (systemd/edgert.service)
+    usr/lib/sysusers.d/edgert.conf              the unprivileged `edgert` user, in group video
+    etc/edgert/edgert.yaml                      default config (a conffile: kept when changed)
+    etc/edgert/keys/*.pub                       trusted bundle signing keys
+    usr/share/edgert/bundles/*.edgepkg          initial bundles, seeded into the state dir
+    usr/share/edgert/IMAGE.json                 what the image holds, with hashes
+
+Installing into a root directory (for flashing into an image, or an upgrade in place) is
+idempotent, writes each file atomically, keeps a locally changed config (the new one lands
+beside it as .new), and never touches the state directory beyond seeding a model that has no
+active version yet: an upgrade keeps installed models, the outbox and everything else there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_runtime import __version__
+from edge_runtime.bundle import BundleError, load_public_keys, read_bundle
+from edge_runtime.store import ModelStore, atomic_write
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_UNIT = REPO / "systemd" / "edgert.service"
+SYSUSERS = 'u edgert - "edge-runtime daemon" /var/lib/edgert\nm edgert video\n'
+DEFAULT_CONFIG = """\
+# edgert serve configuration; every key is documented in the README. Unknown keys are errors.
+state_dir: /var/lib/edgert
+host: 127.0.0.1
+port: 8000
+uds: /run/edgert/edgert.sock
+trust_dirs: [/etc/edgert/keys]
+batching:
+  max_batch: 8
+  max_delay_ms: 0
+"""
+CONFFILES = ("etc/edgert/edgert.yaml",)
+MODES = {"usr/bin/edgert": 0o755}
+MAX_MEMBER = 1 << 30
+
+
+class ImageError(Exception):
+    pass
+
+
+def build_image(
+    out: Path,
+    binary: Path,
+    bundles: list[Path],
+    trust: list[Path],
+    unit: Path = DEFAULT_UNIT,
+    config: str = DEFAULT_CONFIG,
+) -> dict[str, str]:
+    """Write the image tarball; every bundle is verified against the trusted keys first."""
+    keys = load_public_keys(trust)
+    files: dict[str, bytes] = {
+        "usr/bin/edgert": Path(binary).read_bytes(),
+        "etc/systemd/system/edgert.service": Path(unit).read_bytes(),
+        "usr/lib/sysusers.d/edgert.conf": SYSUSERS.encode(),
+        "etc/edgert/edgert.yaml": config.encode(),
+    }
+    for key in trust:
+        for pub in sorted(Path(key).glob("*.pub")) if Path(key).is_dir() else [Path(key)]:
+            files[f"etc/edgert/keys/{pub.name}"] = pub.read_bytes()
+    for b in bundles:
+        try:
+            m = read_bundle(Path(b), keys).manifest
+        except BundleError as e:
+            raise ImageError(f"bundle {b} refused: {e}") from e
+        files[f"usr/share/edgert/bundles/{m.name}-{m.version}.edgepkg"] = Path(b).read_bytes()
+    index = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    meta = {"edgert": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": index}
+    files["usr/share/edgert/IMAGE.json"] = json.dumps(meta, indent=2).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), MODES.get(name, 0o644), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, out)
+    return index
+
+
+@dataclass
+class InstallReport:
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # changed conffiles left alone (.new beside them)
+    seeded: list[str] = field(default_factory=list)
+
+
+def _members(image: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    total = 0
+    with tarfile.open(image, "r:gz") as tar:
+        for info in tar:
+            name = info.name
+            parts = name.split("/")
+            if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise ImageError(f"image member {name!r} escapes the root")
+            if not info.isreg():
+                raise ImageError(f"image member {name!r} is not a regular file")
+            total += info.size
+            if info.size > MAX_MEMBER or total > 4 * MAX_MEMBER:
+                raise ImageError(f"image member {name!r} is too large")
+            f = tar.extractfile(info)
+            assert f is not None
+            out[name] = f.read()
+    return out
+
+
+def install_image(image: Path, root: Path) -> InstallReport:
+    files = _members(image)
+    if "usr/share/edgert/IMAGE.json" not in files:
+        raise ImageError(f"{image} is not a device image (no usr/share/edgert/IMAGE.json)")
+    index = json.loads(files["usr/share/edgert/IMAGE.json"])["files"]
+    for name, digest in index.items():
+        if hashlib.sha256(files.get(name, b"")).hexdigest() != digest:
+            raise ImageError(f"image member {name!r} is missing or does not match IMAGE.json")
+    report = InstallReport()
+    for name, data in sorted(files.items()):
+        dest = root / name
+        if dest.exists() and dest.read_bytes() == data:
+            report.unchanged.append(name)
+            continue
+        if name in CONFFILES and dest.exists():
+            atomic_write(dest.with_name(dest.name + ".new"), data)  # the admin's edits win
+            report.kept.append(name)
+            continue
+        atomic_write(dest, data)
+        os.chmod(dest, MODES.get(name, 0o644))
+        report.written.append(name)
+    _seed_state(root, files, report)
+    return report
+
+
+def _seed_state(root: Path, files: dict[str, bytes], report: InstallReport) -> None:
+    """Install the image's bundles into the state dir only for models with no active version."""
+    store = ModelStore(root / "var/lib/edgert")
+    active = {m.name for m in store.active()}
+    keys_dir = root / "etc/edgert/keys"
+    for name in sorted(n for n in files if n.startswith("usr/share/edgert/bundles/")):
+        bundle_path = root / name
+        manifest = read_bundle(bundle_path, load_public_keys([keys_dir])).manifest
+        if manifest.name in active:
+            continue
+        for pub in sorted(keys_dir.glob("*.pub")):
+            store.trust(pub)
+        store.install(bundle_path)
+        report.seeded.append(f"{manifest.name} {manifest.version}")

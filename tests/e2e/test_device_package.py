@@ -1,0 +1,116 @@
+"""The flashable package: image -> install into an empty root -> upgrade keeps the state dir;
+the unit passes systemd-analyze verify (no output at all) and security (exposure <= 3.0)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.image import ImageError, install_image
+from tests.conftest import REPO, edgert, reversion
+
+pytestmark = pytest.mark.e2e
+
+
+def _stand_in_binary(path: Path, text: str) -> Path:
+    """The installer does not care what the binary is; the slow test builds the real one."""
+    path.write_text(f"#!/bin/sh\necho {text}\n")
+    path.chmod(0o755)
+    return path
+
+
+def _image(tmp: Path, name: str, binary_text: str, bundle: Path, keys: Path) -> Path:
+    out = tmp / f"{name}.tar.gz"
+    edgert("device-image", "-o", str(out), "--binary", str(_stand_in_binary(tmp / f"{name}-edgert", binary_text)),
+           "--bundle", str(bundle), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    return out
+
+
+def test_install_then_upgrade_preserves_state(tmp_path: Path, keys: Path, orientation_bundle: Path) -> None:
+    root = tmp_path / "root"
+    v1 = _image(tmp_path, "v1", "one", orientation_bundle, keys)
+    proc = edgert("device-install", str(v1), "--root", str(root), check=True)
+    assert "seeded ['orientation 1.0.0']" in proc.stderr
+    assert (root / "usr/bin/edgert").stat().st_mode & 0o777 == 0o755
+    for f in ("etc/systemd/system/edgert.service", "usr/lib/sysusers.d/edgert.conf", "etc/edgert/edgert.yaml",
+              "etc/edgert/keys/signing.pub", "var/lib/edgert/models/orientation/active"):  # fmt: skip
+        assert (root / f).is_file(), f
+    state = root / "var/lib/edgert"
+    assert (state / "models/orientation/active").read_text() == "1.0.0"
+
+    # Life on the device: an update arrived, telemetry queued, the admin tuned the config.
+    newer = reversion(orientation_bundle, "1.1.0", keys, tmp_path / "o-1.1.0.edgepkg")
+    edgert("install", str(newer), "--state-dir", str(state), check=True)
+    (state / "outbox.db").write_bytes(b"queued telemetry" * 100)
+    config = root / "etc/edgert/edgert.yaml"
+    config.write_text(config.read_text() + "threads: 2\n")
+    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+
+    v2 = _image(tmp_path, "v2", "two", orientation_bundle, keys)
+    proc = edgert("device-install", str(v2), "--root", str(root), check=True)
+    assert "usr/bin/edgert" in proc.stderr or (root / "usr/bin/edgert").read_text().endswith("two\n")
+    assert (root / "usr/bin/edgert").read_text().endswith("two\n")
+    after = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    assert after == before  # models, active pointer, outbox: untouched
+    assert (state / "models/orientation/active").read_text() == "1.1.0"
+    assert config.read_text().endswith("threads: 2\n") and (root / "etc/edgert/edgert.yaml.new").exists()
+
+    report = install_image(v2, root)  # idempotent: nothing left to do
+    assert report.written == [] and report.seeded == [] and "usr/bin/edgert" in report.unchanged
+
+
+def test_image_refuses_bad_members(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        info = tarfile.TarInfo("../../etc/passwd")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ImageError, match="escapes the root"):
+        install_image(bad, tmp_path / "root")
+    assert not (tmp_path / "root").exists()
+
+
+def test_image_refuses_unverified_bundle(tmp_path: Path, other_keys: Path, orientation_bundle: Path) -> None:
+    proc = edgert("device-image", "-o", str(tmp_path / "x.tar.gz"), "--binary", str(_stand_in_binary(tmp_path / "b", "x")),
+                  "--bundle", str(orientation_bundle), "--trust", str(other_keys / "signing.pub"))  # fmt: skip
+    assert proc.returncode == 1 and "does not verify" in proc.stderr and not (tmp_path / "x.tar.gz").exists()
+
+
+def _analyze_root(tmp_path: Path, keys: Path, bundle: Path) -> Path:
+    """An installed image plus what a real rootfs has: systemd's own units and /bin/kill."""
+    root = tmp_path / "rootfs"
+    install_image(_image(tmp_path, "img", "x", bundle, keys), root)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "bin").symlink_to("usr/bin")
+    shutil.copy2(shutil.which("kill") or "/usr/bin/kill", root / "usr/bin/kill")
+    return root
+
+
+def test_unit_passes_systemd_analyze(tmp_path: Path, keys: Path, orientation_bundle: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: `make test` installs Debian's systemd package"
+    root = _analyze_root(tmp_path, keys, orientation_bundle)
+    verify = subprocess.run([analyze, "verify", f"--root={root}", "edgert.service"], capture_output=True, text=True)
+    # Unknown keys only print warnings: any output at all is a failure, not only the exit code.
+    assert verify.returncode == 0 and verify.stdout == "" and verify.stderr == "", verify.stdout + verify.stderr
+    sec = subprocess.run(
+        [analyze, "security", "--offline=true", str(REPO / "systemd/edgert.service")], capture_output=True, text=True
+    )
+    m = re.search(r"Overall exposure level for edgert.service: ([0-9.]+)", sec.stdout + sec.stderr)
+    assert m, sec.stdout + sec.stderr
+    assert float(m.group(1)) <= 3.0
+
+
+def test_unit_contract() -> None:
+    unit = (REPO / "systemd/edgert.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=edgert",
+                 "ConfigurationDirectory=edgert", "User=edgert", "ProtectSystem=strict", "ProtectHome=yes",
+                 "NoNewPrivileges=yes", "PrivateTmp=yes", "DevicePolicy=closed"):  # fmt: skip
+        assert line in unit, line

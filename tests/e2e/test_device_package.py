@@ -78,7 +78,8 @@ def test_image_refuses_bad_members(tmp_path: Path) -> None:
 
 
 def test_image_refuses_unverified_bundle(tmp_path: Path, other_keys: Path, orientation_bundle: Path) -> None:
-    proc = edgert("device-image", "-o", str(tmp_path / "x.tar.gz"), "--binary", str(_stand_in_binary(tmp_path / "b", "x")),
+    binary = _stand_in_binary(tmp_path / "b", "x")
+    proc = edgert("device-image", "-o", str(tmp_path / "x.tar.gz"), "--binary", str(binary),
                   "--bundle", str(orientation_bundle), "--trust", str(other_keys / "signing.pub"))  # fmt: skip
     assert proc.returncode == 1 and "does not verify" in proc.stderr and not (tmp_path / "x.tar.gz").exists()
 

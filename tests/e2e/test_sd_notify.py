@@ -3,6 +3,7 @@ loop progresses, silence once a backend really hangs, STOPPING on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -27,21 +28,24 @@ def loop_model() -> bytes:
     """y = x + n, computed one iteration at a time: a request with a huge n really hangs the backend."""
     from onnx import TensorProto, helper
 
+    t = helper.make_tensor_value_info
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        [t("i", TensorProto.INT64, []), t("cond_in", TensorProto.BOOL, []), t("acc_in", TensorProto.FLOAT, [1])],
+        [t("cond_out", TensorProto.BOOL, []), t("acc_out", TensorProto.FLOAT, [1])],
         [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
-    )  # fmt: skip
+    )
     graph = helper.make_graph(
         [helper.make_node("Loop", ["n", "yes", "x"], ["y"], body=body)],
         "spin",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("n", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [t("x", TensorProto.FLOAT, [1]), t("n", TensorProto.INT64, [])],
+        [t("y", TensorProto.FLOAT, [1])],
         [helper.make_tensor("yes", TensorProto.BOOL, [], [True])],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -121,12 +125,10 @@ def test_ready_watchdog_hang_and_stopping(state: Path, tmp_path: Path) -> None:
         assert len(healthy) >= 4, f"{len(healthy)} pings in 2 s with a 0.6 s watchdog"
 
         def hang() -> None:
-            try:
+            with contextlib.suppress(Exception):  # the request never answers: that is the point
                 Client(f"http://127.0.0.1:{port}", timeout=3).infer(
                     "spin", {"x": np.zeros(1, np.float32), "n": np.array(10**12, np.int64)}
                 )
-            except Exception:
-                pass  # the request never answers: that is the point
 
         threading.Thread(target=hang, daemon=True).start()
         time.sleep(1.0)  # give the stall time to exceed the interval

@@ -5,7 +5,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench binary system-deps clean
+
+# Debian packages the tests use: systemd-analyze (unit checks). Installed when missing and root.
+DEB_DEPS := systemd
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +24,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check edge_runtime tests bench
 	$(VENV)/bin/mypy
 
-test: lint
+system-deps:
+	@missing=""; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (install them, or run as root)"; exit 1; fi; \
+	fi
+
+test: lint system-deps
 	$(PY) -m pytest
 
 # Local loop: skip the heavy tests (TensorFlow conversion, binary build, soaks).
@@ -30,6 +41,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_pack.py
+	$(PY) bench/bench_serve.py
+
+binary:
+	bash packaging/build-binary.sh
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-build build dist .pytest_cache .mypy_cache .ruff_cache

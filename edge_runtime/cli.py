@@ -207,7 +207,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "batching.max_batch": args.max_batch,
         "batching.max_delay_ms": args.max_delay_ms,
+        "target": args.target,
     }
+    if args.mqtt:
+        overrides.update({
+            "mqtt.url": args.mqtt, "mqtt.device_id": args.device_id, "mqtt.group": args.group,
+            "mqtt.fleet_key": args.fleet_key, "mqtt.username": args.mqtt_user,
+            "mqtt.password_file": args.mqtt_password_file, "mqtt.tls_ca": args.tls_ca,
+            "mqtt.tls_cert": args.tls_cert, "mqtt.tls_key": args.tls_key,
+            "mqtt.telemetry_interval_s": args.telemetry_interval,
+        })  # fmt: skip
     try:
         config = load_config(Path(args.config) if args.config else None, overrides)
         daemon = Daemon(config)
@@ -263,6 +272,36 @@ def cmd_device_install(args: argparse.Namespace) -> int:
         f"installed into {args.root}: {len(report.written)} written, {len(report.unchanged)} unchanged, "
         f"kept local {report.kept or 'none'}, seeded {report.seeded or 'none'}"
     )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edge_runtime.agent import device_state
+    from edge_runtime.outbox import Outbox
+    from edge_runtime.store import ModelStore
+
+    root = Path(args.state_dir)
+    if not root.is_dir():
+        return fail(f"edgert status: {root} is not a state directory")
+    store = ModelStore(root)
+    outbox = (
+        Outbox(root / "outbox.db").stats() if (root / "outbox.db").exists() else {"depth": 0, "bytes": 0, "dropped": 0}
+    )
+    counters = root / "agent" / "counters.json"
+    refused = json.loads(counters.read_text()) if counters.exists() else {}
+    seqs = root / "agent" / "control-seq.json"
+    state = device_state(store, outbox, refused, "", "", "", json.loads(seqs.read_text()) if seqs.exists() else {})
+    if args.json:
+        print(json.dumps(state, indent=2))
+    else:
+        for name, m in state["models"].items():
+            print(
+                f"{name}: active {m['version']}, staged {m['staged'] or '-'}"
+                + (" (update pending)" if m["pending"] else "")
+            )
+        o = state["outbox"]
+        print(f"outbox: {o['depth']} records, {o['bytes']} bytes, {o['dropped']} dropped")
+        print(f"last rollback: {state['last_rollback'] or 'none'}")
     return 0
 
 
@@ -340,7 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, help="intra-op threads per model")
     sv.add_argument("--max-batch", type=int, help="override every model's max batch")
     sv.add_argument("--max-delay-ms", type=float, help="override every model's max queue delay")
+    sv.add_argument("--target", help="this device's target (default from the CPU architecture)")
+    fl = sv.add_argument_group("fleet (MQTT); without --mqtt the daemon is fully offline")
+    fl.add_argument("--mqtt", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    fl.add_argument("--device-id")
+    fl.add_argument("--group")
+    fl.add_argument("--fleet-key", help="public key that signs desired state")
+    fl.add_argument("--mqtt-user")
+    fl.add_argument("--mqtt-password-file")
+    fl.add_argument("--tls-ca")
+    fl.add_argument("--tls-cert")
+    fl.add_argument("--tls-key")
+    fl.add_argument("--telemetry-interval", type=float)
     sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="versions, outbox and rollbacks of a state dir (no daemon needed)")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
 
     inf = sub.add_parser("infer", help="score an image folder, video or .npy folder offline (resumable)")
     inf.add_argument("bundle")

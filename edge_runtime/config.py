@@ -57,6 +57,31 @@ class SourceConfig(_Strict):
     queue: int = Field(2, ge=1, description="frames waiting for inference; beyond it the oldest is dropped")
 
 
+def default_target() -> str:
+    import platform
+
+    return {"x86_64": "x86-cpu", "amd64": "x86-cpu", "aarch64": "arm64-cpu", "arm64": "arm64-cpu"}.get(
+        platform.machine().lower(), "x86-cpu"
+    )
+
+
+class MqttConfig(_Strict):
+    url: str = Field(description="mqtt://HOST:PORT (or mqtts:// for TLS)")
+    device_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="this device's id (MQTT client id)"
+    )
+    group: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="fleet group")
+    fleet_key: Path = Field(description="public key that signs control messages (desired state)")
+    username: str | None = Field(None, description="broker user (default: the device id)")
+    password_file: Path | None = Field(None, description="file holding the broker password")
+    tls_ca: Path | None = Field(None, description="CA certificate to verify the broker (enables TLS)")
+    tls_cert: Path | None = Field(None, description="client certificate (mutual TLS)")
+    tls_key: Path | None = Field(None, description="client key (mutual TLS)")
+    telemetry_interval_s: float = Field(10.0, gt=0, description="metrics snapshot period")
+    outbox_max_bytes: int = Field(64 << 20, gt=0, description="disk budget of the outbox; oldest dropped (counted)")
+    sample_results: float = Field(0.0, ge=0, le=1, description="share of frame results sent as telemetry")
+
+
 class ServeConfig(_Strict):
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="model store, keys, outbox")
     trust_dirs: list[Path] = Field(
@@ -76,6 +101,8 @@ class ServeConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="per-model settings by name")
     sources: list[SourceConfig] = Field(default_factory=list, description="sensor frame sources")
+    target: str = Field(default_factory=default_target, description="this device's target; bundles must match it")
+    mqtt: MqttConfig | None = Field(None, description="join a fleet over MQTT (absent: fully offline)")
 
 
 def _line_map(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
@@ -107,8 +134,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
         lines = _line_map(node) if node else {}
     for key, value in (overrides or {}).items():
         if value is not None:
-            if key.startswith("batching."):
-                data.setdefault("batching", {})[key.split(".", 1)[1]] = value
+            if key.startswith(("batching.", "mqtt.")):
+                section, field = key.split(".", 1)
+                data.setdefault(section, {})[field] = value
             else:
                 data[key] = value
     try:

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -41,6 +42,7 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self.notifier = Notifier()
+        self.agent: Any = None
         self.watchdog: Watchdog | None = None
 
     def trusted_keys(self) -> list[Ed25519PublicKey]:
@@ -56,6 +58,8 @@ class Daemon:
         return 0
 
     def load_models(self) -> None:
+        for entry in self.store.recover():
+            log.warning("rolled back %s %s -> %s: %s", entry["model"], entry["from"], entry["to"], entry["reason"])
         installed = self.store.active()
         if not installed:
             log.warning("no models installed in %s (edgert install BUNDLE --state-dir ...)", self.store.root)
@@ -94,6 +98,9 @@ class Daemon:
             source = FrameSource(cfg, self.runtime, self.hub)
             source.start()
             self.sources.append(source)
+        if self.config.mqtt is not None:
+            self.agent = self._make_agent()
+            self.agent.start()
         self.state.ready.set()
         where = [f"http://{self.config.host}:{self.port}"] + ([f"unix:{self.config.uds}"] if self.config.uds else [])
         summary = f"ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}"
@@ -104,12 +111,40 @@ class Daemon:
             self.watchdog.start()
         print(f"edgert: {summary}", flush=True)
 
+    def _make_agent(self) -> Any:
+        import random
+
+        from edge_runtime.agent import Agent, AgentConfig
+
+        m = self.config.mqtt
+        assert m is not None
+        cfg = AgentConfig(
+            url=m.url, device_id=m.device_id, group=m.group, fleet_keys=load_public_keys([m.fleet_key]),
+            target=self.config.target, username=m.username or m.device_id,
+            password=m.password_file.read_text().strip() if m.password_file else None,
+            tls_ca=str(m.tls_ca) if m.tls_ca else None, tls_cert=str(m.tls_cert) if m.tls_cert else None,
+            tls_key=str(m.tls_key) if m.tls_key else None, telemetry_interval_s=m.telemetry_interval_s,
+            outbox_max_bytes=m.outbox_max_bytes,
+        )  # fmt: skip
+        agent = Agent(cfg, self.runtime, self.store, self.trusted_keys)
+        if m.sample_results > 0:
+            share = m.sample_results
+
+            def sample(result: dict[str, Any]) -> None:
+                if random.random() < share:
+                    agent.outbox.put("result", result)
+
+            self.hub.on_result(sample)
+        return agent
+
     def _progressing(self, within: float) -> bool:
         return loop_progressing([h.last_progress for h in self.runtime.models()], within)
 
     def stop(self) -> None:
         self.state.stopping.set()
         self.notifier.stopping()
+        if self.agent is not None:
+            self.agent.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
         for source in self.sources:

@@ -25,6 +25,7 @@ from edge_runtime.backends import Backend, BackendOptions, create_backend
 from edge_runtime.batcher import Batcher, BatchObserver, BatchSettings
 from edge_runtime.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
 from edge_runtime.cache import PredictionCache
+from edge_runtime.health import VersionStats
 from edge_runtime.metrics import BATCH_BUCKETS, Registry, rss_bytes
 from edge_runtime.tensors import InputError, check_inputs
 
@@ -75,6 +76,7 @@ class ModelVersion:
         self.backend: Backend = create_backend(self.manifest.runtime, bundle.model_bytes, options)
         self.load_s = time.perf_counter() - t0
         self.output_names = [o.name for o in self.manifest.outputs]
+        self.stats = VersionStats()
         self._inflight = 0
         self._idle = threading.Condition()
         self.warmup = _warmup_sample(bundle)
@@ -142,6 +144,7 @@ class ModelHandle:
         )
         self.last_progress = time.monotonic()
         self.cache: PredictionCache | None = None
+        self.previous: ModelVersion | None = None  # the version a swap replaced (health baseline)
         self.batcher = Batcher(self._run, settings, observer, name)
 
     @property
@@ -156,7 +159,16 @@ class ModelHandle:
         self.last_progress = time.monotonic()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.current.run(feeds)  # read once: a swap mid-batch cannot mix versions
+        version = self.current  # read once: a swap mid-batch cannot mix versions
+        first = next(iter(feeds.values()))
+        rows = int(first.shape[0]) if first.ndim and self.settings.batchable else 1
+        t0 = time.perf_counter()
+        try:
+            out = version.run(feeds)
+        except Exception:
+            version.stats.record_error(rows)
+            raise
+        version.stats.record(rows, time.perf_counter() - t0, out)
         if any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in out.values()):
             self._metrics.nonfinite.inc(model=self.name)
         return out
@@ -268,6 +280,7 @@ class Runtime:
                 )
             new = self._load_version(bundle)
             handle.current = new  # atomic: the next batch runs on the new version
+            handle.previous = old
             if not old.drain(drain_timeout):
                 log.warning("version %s still busy after %.0f s; freeing anyway", old.version, drain_timeout)
             old.close()

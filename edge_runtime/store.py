@@ -10,10 +10,13 @@ pointer is only switched after the bundle it names is fully on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -86,6 +89,57 @@ class ModelStore:
         if not (self.models_dir / name / f"{version}.edgepkg").exists():
             raise FileNotFoundError(f"{name} {version} is not installed in {self.models_dir}")
         atomic_write(self.models_dir / name / "active", version.encode())
+
+    # --- update journal: a kill -9 at any step leaves exactly the old or the new version ----
+
+    def begin_update(self, name: str, old: str | None, new: str) -> None:
+        atomic_write(self.models_dir / name / "pending.json", json.dumps({"from": old, "to": new}).encode())
+
+    def end_update(self, name: str) -> None:
+        (self.models_dir / name / "pending.json").unlink(missing_ok=True)
+        fsync_dir(self.models_dir / name)
+
+    def pending(self, name: str) -> dict[str, str | None] | None:
+        p = self.models_dir / name / "pending.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def recover(self) -> list[dict[str, Any]]:
+        """At start: an update interrupted before its health window passed is rolled back.
+
+        The pointer names the old version (nothing happened yet) or the new one (activated but
+        never committed); either way the old version becomes active again and the journal goes.
+        """
+        rolled = []
+        for model in self.active():
+            journal = self.pending(model.name)
+            if journal is None:
+                continue
+            old = journal.get("from")
+            if model.version == journal.get("to") and old:
+                self.activate(model.name, old)
+                entry = {"model": model.name, "from": journal["to"], "to": old, "ts": time.time(),
+                         "reason": "the daemon stopped before the new version passed its health window"}  # fmt: skip
+                self.record_rollback(entry)
+                rolled.append(entry)
+            self.end_update(model.name)
+        return rolled
+
+    def record_rollback(self, entry: dict[str, Any]) -> None:
+        path = self.root / "history.json"
+        history = json.loads(path.read_text()) if path.exists() else {"rollbacks": []}
+        history["rollbacks"] = [*history["rollbacks"][-49:], entry]
+        atomic_write(path, json.dumps(history).encode())
+
+    def last_rollback(self) -> dict[str, Any] | None:
+        path = self.root / "history.json"
+        rollbacks = json.loads(path.read_text())["rollbacks"] if path.exists() else []
+        return rollbacks[-1] if rollbacks else None
+
+    def installed_versions(self, name: str) -> list[str]:
+        return sorted(p.stem for p in (self.models_dir / name).glob("*.edgepkg"))
+
+    def bundle_path(self, name: str, version: str) -> Path:
+        return self.models_dir / name / f"{version}.edgepkg"
 
     def active(self) -> list[InstalledModel]:
         out: list[InstalledModel] = []

@@ -1,0 +1,346 @@
+"""The MQTT device agent: makes a device part of a fleet without ever being needed to serve.
+
+Topics (v1; README "MQTT topics"):
+
+    edgert/v1/devices/{id}/status      retained  online/offline (the offline one is the last will)
+    edgert/v1/devices/{id}/state       retained  actual state: versions, staged, last rollback, outbox
+    edgert/v1/devices/{id}/telemetry   QoS 1     outbox records: metrics snapshots, sampled results
+    edgert/v1/devices/{id}/events      QoS 1     outbox records: updates, rollbacks, refusals
+    edgert/v1/devices/{id}/desired     retained  signed desired state for this device
+    edgert/v1/groups/{group}/desired   retained  signed desired state for the group
+    edgert/v1/bundles/{sha256}/{i}     retained  chunk i of a bundle (hashes in the desired state)
+
+paho-mqtt 2 with MQTT 5, a persistent session (clean_start off, session expiry), reconnect with
+backoff 1-30 s. paho keeps unsent messages in memory only, so telemetry goes through the SQLite
+outbox and a record is deleted only once the broker acknowledged it (PUBACK).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime import __version__
+from edge_runtime.control import ControlRefused, SeqGuard, open_envelope
+from edge_runtime.health import HealthPolicy
+from edge_runtime.outbox import Outbox
+from edge_runtime.runtime import Runtime
+from edge_runtime.store import ModelStore, atomic_write
+from edge_runtime.updates import BundleRef, ChunkStore, Updater, UpdateRefused, crash_point, fetch_url
+
+log = logging.getLogger(__name__)
+PREFIX = "edgert/v1"
+
+
+@dataclass
+class AgentConfig:
+    url: str
+    device_id: str
+    group: str
+    fleet_keys: list[Ed25519PublicKey]
+    target: str
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    telemetry_interval_s: float = 10.0
+    outbox_max_bytes: int = 64 << 20
+    keepalive: int = 30
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, runtime: Runtime, store: ModelStore, bundle_keys: Any) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.cfg, self.runtime, self.store = cfg, runtime, store
+        self.dir = store.root / "agent"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(store.root / "outbox.db", cfg.outbox_max_bytes)
+        self.seq = SeqGuard(self.dir / "control-seq.json")
+        self.updater = Updater(store, runtime, bundle_keys, cfg.target)
+        counters_path = self.dir / "counters.json"
+        self.refused: Counter[str] = Counter(json.loads(counters_path.read_text()) if counters_path.exists() else {})
+        self.desired: dict[str, dict[str, Any]] = {}  # scope -> models
+        self.rejected: set[tuple[str, str, str]] = set()  # (model, version, sha) that failed: not retried
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._lock = threading.Lock()
+        self._chunks: dict[str, ChunkStore] = {}
+        self.base = f"{PREFIX}/devices/{cfg.device_id}"
+        self.scopes = {
+            f"{self.base}/desired": cfg.device_id,
+            f"{PREFIX}/groups/{cfg.group}/desired": f"group:{cfg.group}",
+        }
+
+        u = urlparse(cfg.url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ValueError(f"--mqtt expects mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.url!r}")
+        self._host, self._port = u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883)
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.device_id, protocol=mqtt.MQTTv5)
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password)
+        if u.scheme == "mqtts" or cfg.tls_ca:
+            c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key)
+        c.will_set(f"{self.base}/status", self._status(False), qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.max_inflight_messages_set(50)
+        c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
+        self.client = c
+        self._threads = [
+            threading.Thread(target=self._send_loop, name="outbox-sender", daemon=True),
+            threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True),
+            threading.Thread(target=self._update_loop, name="updater", daemon=True),
+        ]
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 24 * 3600  # the broker keeps our session across outages
+        self.client.connect_async(self._host, self._port, self.cfg.keepalive, clean_start=False, properties=props)
+        self.client.loop_start()
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self.outbox.wake.set()
+        for t in self._threads:
+            t.join(10)
+        if self.connected.is_set():
+            self.client.publish(f"{self.base}/status", self._status(False), qos=1, retain=True).wait_for_publish(3)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.outbox.close()
+
+    def _status(self, online: bool) -> bytes:
+        return json.dumps(
+            {"device": self.cfg.device_id, "online": online, "ts": time.time(), "edgert": __version__}
+        ).encode()
+
+    # --- MQTT callbacks (network thread: keep them short) ----------------------------
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            # Not connected: a refused CONNECT (bad credentials, not authorized) is not a session.
+            log.error("broker refused the connection: %s", reason_code)
+            self.connected.clear()
+            return
+        log.info("connected to %s:%s (session present: %s)", self._host, self._port, flags.session_present)
+        client.publish(f"{self.base}/status", self._status(True), qos=1, retain=True)
+        client.subscribe([(topic, 1) for topic in self.scopes])
+        with self._lock:
+            for sha in self._chunks:
+                client.subscribe(f"{PREFIX}/bundles/{sha}/+", 1)
+        self.connected.set()
+        self.outbox.wake.set()
+        self._work.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker (%s); serving goes on, telemetry is kept", reason_code)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        topic = msg.topic
+        if topic.startswith(f"{PREFIX}/bundles/"):
+            self._on_chunk(topic, msg.payload)
+            return
+        scope = self.scopes.get(topic)
+        if scope is None:
+            self._refuse("wrong-topic", f"unexpected topic {topic}")
+            return
+        if not msg.payload:
+            return  # a cleared retained message
+        try:
+            payload = open_envelope(msg.payload, self.cfg.fleet_keys, scope, "desired")
+            last = self.seq.seen.get(scope, -1)
+            if payload["seq"] == last:
+                return  # the same desired state again (retained on resubscribe, QoS 1 duplicate): idempotent
+            self.seq.check(scope, payload["seq"])
+            models = payload.get("models")
+            if not isinstance(models, dict):
+                raise ControlRefused("malformed", "desired state needs a 'models' object")
+        except ControlRefused as e:
+            self._refuse(e.reason, str(e))
+            return
+        self.seq.accept(scope, payload["seq"])
+        with self._lock:
+            self.desired[scope] = models
+            self.rejected.clear()  # a new desired state may retry what failed before
+        self._work.set()
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        log.warning("control message refused (%s): %s", reason, detail)
+        self.refused[reason] += 1
+        atomic_write(self.dir / "counters.json", json.dumps(self.refused).encode())
+        self.event("control-refused", {"reason": reason, "detail": detail[:300]})
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        if len(parts) != 5 or not parts[4].isdigit():
+            return
+        with self._lock:
+            chunks = self._chunks.get(parts[3])
+        if chunks is not None and chunks.put(int(parts[4]), payload) and not chunks.missing():
+            self._work.set()
+
+    # --- telemetry -------------------------------------------------------------------
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        self.outbox.put("event", {"event": kind, **data})
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.cfg.telemetry_interval_s):
+            models = {}
+            for h in self.runtime.models():
+                models[h.name] = {"version": h.current.version, **h.current.stats.snapshot()}
+            self.outbox.put("metrics", {"models": models, "outbox": self.outbox.stats()})
+            self.publish_state()
+
+    def _send_loop(self) -> None:
+        """Oldest first; a record is deleted only after its PUBACK; in order per device."""
+        while not self._stop.is_set():
+            if not self.connected.wait(0.5):
+                continue
+            batch = self.outbox.peek(50)
+            if not batch:
+                self.outbox.wake.wait(1.0)
+                self.outbox.wake.clear()
+                continue
+            acked = 0
+            for rec in batch:
+                topic = f"{self.base}/events" if rec.kind == "event" else f"{self.base}/telemetry"
+                info = self.client.publish(topic, rec.message(self.cfg.device_id), qos=1)
+                try:
+                    info.wait_for_publish(10)
+                except (RuntimeError, ValueError):  # not queued: the connection went away
+                    break
+                if not info.is_published():
+                    break
+                acked = rec.seq
+            if acked:
+                self.outbox.ack(acked)
+            else:
+                time.sleep(0.5)
+
+    def publish_state(self) -> None:
+        if not self.connected.is_set():
+            return
+        self.client.publish(f"{self.base}/state", json.dumps(self.state()).encode(), qos=1, retain=True)
+
+    def state(self) -> dict[str, Any]:
+        return device_state(self.store, self.outbox.stats(), dict(self.refused), self.cfg.device_id, self.cfg.group,
+                            self.cfg.target, self.seq.seen)  # fmt: skip
+
+    # --- updates ---------------------------------------------------------------------
+
+    def _wanted(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            merged: dict[str, dict[str, Any]] = {}
+            group = self.desired.get(f"group:{self.cfg.group}", {})
+            merged.update(group)
+            merged.update(self.desired.get(self.cfg.device_id, {}))  # the device's own desired state wins
+            return merged
+
+    def _update_loop(self) -> None:
+        while not self._stop.is_set():
+            self._work.wait(2.0)
+            self._work.clear()
+            active = {m.name: m.version for m in self.store.active()}
+            for name, spec in self._wanted().items():
+                if self._stop.is_set():
+                    return
+                try:
+                    self._converge(name, spec, active.get(name))
+                except Exception as e:  # never let one bad desired entry stop the agent
+                    log.exception("update of %s failed", name)
+                    self.event("update-error", {"model": name, "error": str(e)[:300]})
+
+    def _converge(self, name: str, spec: dict[str, Any], active: str | None) -> None:
+        version = str(spec.get("version", ""))
+        if not version or version == active:
+            return
+        ref_raw = spec.get("bundle")
+        sha = ref_raw.get("sha256", "") if isinstance(ref_raw, dict) else ""
+        key = (name, version, sha)
+        if key in self.rejected:
+            return
+        try:
+            ref = BundleRef.parse(ref_raw if isinstance(ref_raw, dict) else {})
+            path = self._obtain(ref)
+            if path is None:
+                return  # chunks still arriving; _work is set when the last one lands
+            self.updater.stage(name, version, path, bool(spec.get("allow_downgrade")))
+        except UpdateRefused as e:
+            self.rejected.add(key)
+            log.error("update to %s %s refused: %s", name, version, e)
+            self.event("update-refused", {"model": name, "version": version, "reason": str(e)})
+            self.publish_state()
+            return
+        self.event("update-started", {"model": name, "from": active, "to": version})
+        self.publish_state()
+        result = self.updater.activate_and_watch(
+            name, version, HealthPolicy.from_dict(spec.get("health")), stop=self._stop.is_set
+        )
+        if result.outcome != "committed":
+            self.rejected.add(key)
+        outcome = {"model": name, "from": active, "to": version, "reason": result.reason}
+        self.event(f"update-{result.outcome}", {**outcome, "figures": _jsonable(result.figures)})
+        self.publish_state()
+
+    def _obtain(self, ref: BundleRef) -> Path | None:
+        dest = self.updater.downloads / f"{ref.sha256}.edgepkg"
+        if dest.exists():
+            return dest
+        crash_point("download")
+        if ref.url:
+            return fetch_url(ref, dest)
+        with self._lock:
+            chunks = self._chunks.get(ref.sha256)
+            if chunks is None:
+                chunks = self._chunks[ref.sha256] = ChunkStore(self.updater.downloads, ref)
+                if self.connected.is_set():
+                    self.client.subscribe(f"{PREFIX}/bundles/{ref.sha256}/+", 1)
+        if chunks.missing():
+            return None
+        path = chunks.assemble(dest)
+        with self._lock:
+            self._chunks.pop(ref.sha256, None)
+        self.client.unsubscribe(f"{PREFIX}/bundles/{ref.sha256}/+")
+        return path
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def device_state(
+    store: ModelStore, outbox: dict[str, int], refused: dict[str, int], device: str, group: str, target: str,
+    seqs: dict[str, int],
+) -> dict[str, Any]:  # fmt: skip
+    models = {}
+    for m in store.active():
+        models[m.name] = {
+            "version": m.version,
+            "staged": [v for v in store.installed_versions(m.name) if v != m.version],
+            "pending": store.pending(m.name),
+        }
+    return {"device": device, "group": group, "target": target, "models": models, "outbox": outbox,
+            "control_refused": refused, "last_rollback": store.last_rollback(), "desired_seq": seqs,
+            "ts": time.time()}  # fmt: skip

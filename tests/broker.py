@@ -1,0 +1,85 @@
+"""A real mosquitto (Debian's package) on a free loopback port, with the project's ACL and a
+password per account; started and stopped by its PID. Missing mosquitto fails, never skips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, free_port
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+
+class Broker:
+    def __init__(self, root: Path, accounts: dict[str, str], extra: str = "") -> None:
+        if not os.path.exists(MOSQUITTO):
+            raise AssertionError("mosquitto is not installed: `make test` installs Debian's mosquitto package")
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.accounts = dict(accounts)
+        pw = root / "passwd"
+        pw.touch()
+        for user, password in accounts.items():
+            subprocess.run([PASSWD, "-b", str(pw), user, password], check=True, capture_output=True)
+        conf = (REPO / "deploy/mosquitto/mosquitto.conf.template").read_text().format(
+            port=self.port, bind="127.0.0.1", password_file=pw, acl_file=REPO / "deploy/mosquitto/acl",
+            data_dir=root, extra=extra + ("\nuser root" if os.geteuid() == 0 else ""),
+        )  # fmt: skip
+        self.conf = root / "mosquitto.conf"
+        self.conf.write_text(conf)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mosquitto exited: {(self.root / 'mosquitto.log').read_text()}")
+            time.sleep(0.05)
+        raise AssertionError("mosquitto did not listen in 10 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self, user: str, client_id: str | None = None, clean: bool = True) -> Any:
+        import paho.mqtt.client as mqtt
+
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"{user}-{os.getpid()}-{time.monotonic_ns()}",
+                        protocol=mqtt.MQTTv5)  # fmt: skip
+        c.username_pw_set(user, self.accounts[user])
+        connected = __import__("threading").Event()
+        c.on_connect = lambda *a: connected.set() if not a[3].is_failure else None
+        props = None
+        if not clean:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        c.connect("127.0.0.1", self.port, 30, clean_start=clean, properties=props)
+        c.loop_start()
+        if not connected.wait(10):
+            raise AssertionError(f"{user} could not connect")
+        return c

@@ -1,0 +1,91 @@
+"""A family of small real ONNX classifiers for update tests: good versions and versions that
+verify and load but misbehave (NaN outputs, 10x slower, crash on first real inference,
+wildly shifted outputs). Each is a real model run by ONNX Runtime; nothing is mocked."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import load_private_key, sha256_bytes, write_bundle
+
+DIM, CLASSES = 64, 4
+
+
+def classifier(variant: str = "good", seed: int = 0) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((DIM, DIM)) / np.sqrt(DIM)).astype(np.float32)
+    w2 = rng.standard_normal((DIM, CLASSES)).astype(np.float32)
+    if variant == "shifted":
+        w2 = -w2[:, ::-1]  # same model family, answers something else entirely
+    trips = 200 if variant == "slow" else 20  # the body is a 64x64 matmul: 10x the trips, 10x the time
+    t = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["c"], ["c_out"]),
+            helper.make_node("MatMul", ["a", "W"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["a_out"]),
+        ],  # fmt: skip
+        "body",
+        [t("i", TensorProto.INT64, []), t("c", TensorProto.BOOL, []), t("a", TensorProto.FLOAT, ["N", DIM])],
+        [t("c_out", TensorProto.BOOL, []), t("a_out", TensorProto.FLOAT, ["N", DIM])],
+    )
+    nodes = [
+        helper.make_node("Loop", ["trips", "yes", "x"], ["h"], body=body),
+        helper.make_node("MatMul", ["h", "W2"], ["logits0"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "yes"),
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(w2, "W2"),
+    ]
+    if variant == "nan":
+        nodes.append(helper.make_node("Mul", ["logits0", "nan"], ["logits"]))
+        inits.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+    elif variant == "crash":
+        # Index = 1000 * max(x): 0 for the warm-up's zeros (loads fine), out of range for real data.
+        nodes += [
+            helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+            helper.make_node("Mul", ["mx", "k"], ["scaled"]),
+            helper.make_node("Cast", ["scaled"], ["idx"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "idx"], ["g"]),
+            helper.make_node("Add", ["logits0", "g"], ["logits"]),
+        ]
+        inits += [numpy_helper.from_array(np.array(1000.0, np.float32), "k"),
+                  numpy_helper.from_array(np.zeros(1, np.float32), "table")]  # fmt: skip
+    else:
+        nodes.append(helper.make_node("Identity", ["logits0"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "cls", [t("x", TensorProto.FLOAT, ["N", DIM])], [t("logits", TensorProto.FLOAT, ["N", CLASSES])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def make_bundle(
+    out: Path, key: Path, version: str, variant: str = "good", name: str = "cls", target: str = "x86-cpu"
+) -> Path:
+    model = classifier(variant)
+    warm = io.BytesIO()
+    np.savez(warm, x=np.zeros((1, DIM), np.float32))
+    write_bundle(
+        out,
+        {"name": name, "version": version, "target": target, "runtime": "onnxruntime", "model": "model.onnx",
+         "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", DIM]}],
+         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["N", CLASSES]}], "precision": "fp32",
+         "batching": {"max_batch": 0, "batchable": True, "warmup": "warmup.npz"},
+         "source_sha256": sha256_bytes(model), "key_id": ""},
+        {"model.onnx": model, "warmup.npz": warm.getvalue()},
+        load_private_key(key),
+    )  # fmt: skip
+    return out
+
+
+def inputs(n: int = 64, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 1, (n, DIM)).astype(np.float32)

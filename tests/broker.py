@@ -66,8 +66,8 @@ class Broker:
     def client(self, user: str, client_id: str | None = None, clean: bool = True) -> Any:
         import paho.mqtt.client as mqtt
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"{user}-{os.getpid()}-{time.monotonic_ns()}",
-                        protocol=mqtt.MQTTv5)  # fmt: skip
+        cid = client_id or f"{user}-{os.getpid()}-{time.monotonic_ns()}"
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         c.username_pw_set(user, self.accounts[user])
         connected = __import__("threading").Event()
         c.on_connect = lambda *a: connected.set() if not a[3].is_failure else None

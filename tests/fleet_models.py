@@ -29,7 +29,7 @@ def classifier(variant: str = "good", seed: int = 0) -> bytes:
             helper.make_node("Identity", ["c"], ["c_out"]),
             helper.make_node("MatMul", ["a", "W"], ["m"]),
             helper.make_node("Tanh", ["m"], ["a_out"]),
-        ],  # fmt: skip
+        ],
         "body",
         [t("i", TensorProto.INT64, []), t("c", TensorProto.BOOL, []), t("a", TensorProto.FLOAT, ["N", DIM])],
         [t("c_out", TensorProto.BOOL, []), t("a_out", TensorProto.FLOAT, ["N", DIM])],

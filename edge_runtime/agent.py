@@ -59,7 +59,14 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, runtime: Runtime, store: ModelStore, bundle_keys: Any) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        runtime: Runtime,
+        store: ModelStore,
+        bundle_keys: Any,
+        recovered: list[Any] | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
 
         self.cfg, self.runtime, self.store = cfg, runtime, store
@@ -72,6 +79,11 @@ class Agent:
         self.refused: Counter[str] = Counter(json.loads(counters_path.read_text()) if counters_path.exists() else {})
         self.desired: dict[str, dict[str, Any]] = {}  # scope -> models
         self.rejected: set[tuple[str, str, str]] = set()  # (model, version, sha) that failed: not retried
+        # Versions the daemon was running its health window on when it died: crashed, not retried
+        # until the controller signs a new desired state.
+        self.crashed: set[tuple[str, str]] = {(str(e["model"]), str(e["from"])) for e in recovered or []}
+        for entry in recovered or []:
+            self.event("update-rolled-back", {**entry, "to": entry["from"], "restored": entry["to"]})
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._work = threading.Event()
@@ -170,9 +182,12 @@ class Agent:
         try:
             payload = open_envelope(msg.payload, self.cfg.fleet_keys, scope, "desired")
             last = self.seq.seen.get(scope, -1)
-            if payload["seq"] == last:
+            with self._lock:
+                known = scope in self.desired
+            if payload["seq"] == last and known:
                 return  # the same desired state again (retained on resubscribe, QoS 1 duplicate): idempotent
-            self.seq.check(scope, payload["seq"])
+            if payload["seq"] != last:  # equal and unknown: our own accepted state, back after a restart
+                self.seq.check(scope, payload["seq"])
             models = payload.get("models")
             if not isinstance(models, dict):
                 raise ControlRefused("malformed", "desired state needs a 'models' object")
@@ -181,8 +196,10 @@ class Agent:
             return
         self.seq.accept(scope, payload["seq"])
         with self._lock:
+            if payload["seq"] != last:
+                self.rejected.clear()  # a new desired state may retry what failed before
+                self.crashed.clear()
             self.desired[scope] = models
-            self.rejected.clear()  # a new desired state may retry what failed before
         self._work.set()
 
     def _refuse(self, reason: str, detail: str) -> None:
@@ -279,7 +296,7 @@ class Agent:
         ref_raw = spec.get("bundle")
         sha = ref_raw.get("sha256", "") if isinstance(ref_raw, dict) else ""
         key = (name, version, sha)
-        if key in self.rejected:
+        if key in self.rejected or (name, version) in self.crashed:
             return
         try:
             ref = BundleRef.parse(ref_raw if isinstance(ref_raw, dict) else {})

@@ -43,6 +43,7 @@ class Daemon:
         self._stop = threading.Event()
         self.notifier = Notifier()
         self.agent: Any = None
+        self.recovered: list[dict[str, Any]] = []
         self.watchdog: Watchdog | None = None
 
     def trusted_keys(self) -> list[Ed25519PublicKey]:
@@ -58,7 +59,8 @@ class Daemon:
         return 0
 
     def load_models(self) -> None:
-        for entry in self.store.recover():
+        self.recovered = self.store.recover()
+        for entry in self.recovered:
             log.warning("rolled back %s %s -> %s: %s", entry["model"], entry["from"], entry["to"], entry["reason"])
         installed = self.store.active()
         if not installed:
@@ -126,7 +128,7 @@ class Daemon:
             tls_key=str(m.tls_key) if m.tls_key else None, telemetry_interval_s=m.telemetry_interval_s,
             outbox_max_bytes=m.outbox_max_bytes,
         )  # fmt: skip
-        agent = Agent(cfg, self.runtime, self.store, self.trusted_keys)
+        agent = Agent(cfg, self.runtime, self.store, self.trusted_keys, recovered=self.recovered)
         if m.sample_results > 0:
             share = m.sample_results
 

@@ -110,6 +110,9 @@ class ModelStore:
         never committed); either way the old version becomes active again and the journal goes.
         """
         rolled = []
+        if self.models_dir.is_dir():
+            for stale in self.models_dir.glob("*/.*.tmp*"):  # half-written copies of an interrupted write
+                stale.unlink(missing_ok=True)
         for model in self.active():
             journal = self.pending(model.name)
             if journal is None:

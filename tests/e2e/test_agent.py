@@ -42,7 +42,15 @@ def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Device:
     """A real daemon with its agent, a load of real requests, and the controller's view."""
 
-    def __init__(self, tmp: Path, broker: Broker, keys: Path, fleet: Path, device: str = "dev1", **kw: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        broker: Broker,
+        keys: Path,
+        fleet: Path,
+        device: str = "dev1",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp, self.broker, self.keys, self.device = tmp, broker, keys, device
         self.state = tmp / f"state-{device}"
         v1 = make_bundle(tmp / "cls-1.0.0.edgepkg", keys / "signing.key", "1.0.0")
@@ -57,7 +65,8 @@ class Device:
             self.ctl.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # no state left by other tests
         self.daemon = Daemon(self.state, "--mqtt", broker.url, "--device-id", device, "--group", "g1",
                              "--fleet-key", str(fleet / "signing.pub"), "--mqtt-password-file", str(pw),
-                             "--telemetry-interval", "0.5", *kw.values())  # fmt: skip
+                             "--telemetry-interval", "0.5", env=env)  # fmt: skip
+        self.fleet = fleet
         self.errors: list[Exception] = []
         self.served = 0
         self._stop = threading.Event()
@@ -76,6 +85,11 @@ class Device:
                     self.errors.append(e)
                 i += 1
                 time.sleep(0.005)
+
+    def restart(self) -> None:
+        """Start the daemon again on the same state dir, without any fault injection."""
+        self.daemon.log.close()
+        self.daemon = Daemon(self.state, *self.daemon.proc.args[8:])  # type: ignore[index]  # past --state-dir and --port
 
     def version(self) -> str:
         return str(Client(self.daemon.url).metadata("cls")["versions"][0])
@@ -177,3 +191,113 @@ def test_bundle_ref_shape(tmp_path: Path, keys: Path) -> None:
     b = make_bundle(tmp_path / "b.edgepkg", keys / "signing.key", "1.0.0")
     ref = bundle_ref(b, chunk_size=1000)
     assert ref["size"] == b.stat().st_size and len(ref["chunks"]) == -(-ref["size"] // 1000)
+
+
+def _desired(d: Device, fleet_key: Path, models: dict[str, Any]) -> None:
+    publish_desired(d.ctl, load_private_key(fleet_key / "signing.key"), d.device, time.time_ns() // 1000, models)
+
+
+@pytest.mark.parametrize("case", ["tampered", "wrong-key", "wrong-target", "downgrade", "truncated", "wrong-hash"])
+def test_bad_bundles_refused_before_touching_active(
+    device: Device, fleet_key: Path, other_keys: Path, case: str
+) -> None:
+    import tarfile
+
+    keys = device.keys
+    version = "0.9.0" if case == "downgrade" else "1.1.0"
+    b = make_bundle(device.tmp / "cand.edgepkg", (other_keys if case == "wrong-key" else keys) / "signing.key", version,
+                    target="arm64-cpu" if case == "wrong-target" else "x86-cpu")  # fmt: skip
+    if case == "tampered":  # flip the model, repack: hashes no longer match the signed manifest
+        with tarfile.open(b) as t:
+            members = [(m, t.extractfile(m).read()) for m in t]  # type: ignore[union-attr]
+        with tarfile.open(b, "w:gz") as t:
+            for m, data in members:
+                if m.name == "model.onnx":
+                    data = data[:-8] + b"\x00" * 8
+                t.addfile(m, __import__("io").BytesIO(data))
+    data = b.read_bytes()
+    if case == "truncated":
+        b.write_bytes(data[: len(data) // 2])
+    ref = bundle_ref(b, chunked=False, url=b.resolve().as_uri())
+    if case == "wrong-hash":
+        ref["sha256"] = "0" * 64
+    _desired(device, fleet_key, {"cls": {"version": version, "bundle": ref}})
+    refused = device.wait_event("update-refused")
+    expected = {"tampered": "sha256 mismatch", "wrong-key": "does not verify", "wrong-target": "targets arm64-cpu",
+                "downgrade": "not newer", "truncated": "truncated", "wrong-hash": "does not match"}[case]  # fmt: skip
+    assert expected in refused["reason"], refused["reason"]
+    assert device.version() == "1.0.0" and not device.errors
+    assert not (device.state / "models" / "cls" / f"{version}.edgepkg").exists()
+
+
+def test_signed_downgrade_is_applied(device: Device, fleet_key: Path) -> None:
+    time.sleep(1.0)
+    _offer(device, fleet_key, "0.9.0", allow_downgrade=True)
+    assert device.wait_event("update-committed")["to"] == "0.9.0"
+    assert device.version() == "0.9.0"
+
+
+def test_hostile_control_traffic(device: Device, fleet_key: Path, other_keys: Path, broker: Broker) -> None:
+    from edge_runtime.control import canonical, desired_payload, sign
+
+    topic = "edgert/v1/devices/dev1/desired"
+    good = sign(desired_payload("dev1", time.time_ns() // 1000, {}), load_private_key(fleet_key / "signing.key"))
+    forged = sign(desired_payload("dev1", time.time_ns() // 1000 + 5, {}), load_private_key(other_keys / "signing.key"))
+    other_scope = sign(
+        desired_payload("dev2", time.time_ns() // 1000 + 6, {}), load_private_key(fleet_key / "signing.key")
+    )
+    unsigned = json.dumps({"payload": json.loads(canonical(desired_payload("dev1", 10**18, {})))}).encode()
+    old = sign(desired_payload("dev1", 1, {}), load_private_key(fleet_key / "signing.key"))
+    for payload in (good, good, unsigned, forged, other_scope, b"{not json", b"x" * 300_000, old):
+        device.ctl.publish(topic, payload, qos=1, retain=False).wait_for_publish(5)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    want = {"unsigned": 1, "forged": 1, "wrong-scope": 1, "malformed": 1, "oversized": 1, "replayed": 1}
+    while time.monotonic() < deadline:
+        status = json.loads(edgert("status", "--state-dir", str(device.state), "--json", check=True).stdout)
+        if status["control_refused"] == want:
+            break
+        time.sleep(0.3)
+    assert status["control_refused"] == want  # the duplicate of `good` was applied once, silently
+    assert device.version() == "1.0.0" and not device.errors and Client(device.daemon.url).ready()
+
+
+@pytest.mark.parametrize("step", ["download", "verify", "write", "rename", "activate", "health"])
+def test_kill9_at_every_update_step(tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path, step: str) -> None:
+    from edge_runtime.bundle import load_public_keys as pubs
+    from edge_runtime.bundle import read_bundle
+
+    d = Device(tmp_path, broker, keys, fleet_key, env={"EDGERT_FAULT_KILL_AT": step})
+    try:
+        time.sleep(1.0)
+        _offer(d, fleet_key, "1.1.0")
+        assert d.daemon.proc.wait(60) == -9  # killed for real at that step
+        d._stop.set()
+        d._thread.join()
+        active = (d.state / "models/cls/active").read_text()
+        assert active in ("1.0.0", "1.1.0")  # never torn, never absent
+        d.events.clear()
+        d.restart()  # no fault this time: recovery, then the agent converges again
+        served = d.version()
+        assert served == (d.state / "models/cls/active").read_text() in ("1.0.0", "1.1.0")
+        if step == "health":
+            assert served == "1.0.0"  # killed inside the window: the new version was never committed
+            status = json.loads(edgert("status", "--state-dir", str(d.state), "--json", check=True).stdout)
+            assert "health window" in status["last_rollback"]["reason"]
+        for v in ("1.0.0", "1.1.0"):  # whatever is on disk verifies completely
+            p = d.state / "models/cls" / f"{v}.edgepkg"
+            if p.exists():
+                read_bundle(p, pubs([keys / "signing.pub"]))
+        assert not list((d.state / "models/cls").glob(".*tmp*"))
+        d._stop.clear()
+        d._thread = threading.Thread(target=d._load, daemon=True)
+        d._thread.start()
+        if step == "health":
+            time.sleep(3)
+            assert d.version() == "1.0.0"  # a version that died in its window is not retried by itself
+            assert d.wait_event("update-rolled-back")["reason"].endswith("health window")
+            _offer(d, fleet_key, "1.1.0")  # the operator signs the desired state again
+        d.wait_event("update-committed", timeout=60)  # the retained desired state is met after all
+        assert d.version() == "1.1.0"
+    finally:
+        assert d.close() == 0

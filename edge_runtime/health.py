@@ -63,6 +63,9 @@ class HealthPolicy:
     min_inferences: int = 20
     max_error_rate: float = 0.02
     max_p95_ratio: float = 3.0
+    # A p95 regression counts only above this absolute increase: sub-millisecond jitter is noise
+    # on a shared CPU (a good version was once judged 4.5x slower on 14 samples of 0.1 ms).
+    min_p95_increase_ms: float = 0.5
     max_drift: float = 0.3
     min_baseline: int = 20
 
@@ -79,6 +82,7 @@ class Verdict:
     healthy: bool
     reason: str
     figures: dict[str, object] = field(default_factory=dict)
+    kind: str = ""  # what failed: "errors", "latency" or "drift"
 
 
 def evaluate(policy: HealthPolicy, baseline: VersionStats | None, current: VersionStats) -> Verdict:
@@ -91,16 +95,18 @@ def evaluate(policy: HealthPolicy, baseline: VersionStats | None, current: Versi
     error_rate = (errors + nonfinite) / rows  # one snapshot: counts and rows from the same moment
     figures["error_rate"] = error_rate
     if errors and errors == rows:
-        return Verdict(False, f"every inference failed ({errors} of {rows})", figures)
+        return Verdict(False, f"every inference failed ({errors} of {rows})", figures, "errors")
     if error_rate > policy.max_error_rate:
         what = "NaN/Inf outputs" if nonfinite >= errors else "failed inferences"
-        return Verdict(False, f"error rate {error_rate:.1%} ({what}) over {policy.max_error_rate:.1%}", figures)
+        return Verdict(
+            False, f"error rate {error_rate:.1%} ({what}) over {policy.max_error_rate:.1%}", figures, "errors"
+        )
     if baseline is not None and baseline.rows >= policy.min_baseline:
         old_p95, new_p95 = baseline.p95(), current.p95()
         if old_p95 and new_p95:
             ratio = new_p95 / old_p95
             figures["p95_ratio"] = ratio
-            if ratio > policy.max_p95_ratio:
+            if ratio > policy.max_p95_ratio and (new_p95 - old_p95) * 1000 > policy.min_p95_increase_ms:
                 return Verdict(
                     False, f"p95 latency {ratio:.1f}x the previous version's (limit {policy.max_p95_ratio}x)", figures
                 )

@@ -347,3 +347,14 @@ def test_chunk_transfer_resumes_after_kill9(tmp_path: Path, broker: Broker, keys
         assert d.version() == "1.1.0" and not chunk_dir.exists()
     finally:
         assert d.close() == 0
+
+
+def test_group_desired_state_converges(device: Device, fleet_key: Path) -> None:
+    time.sleep(1.0)
+    bundle = make_bundle(device.tmp / "cls-1.2.0.edgepkg", device.keys / "signing.key", "1.2.0")
+    ref = publish_bundle(device.ctl, bundle, chunk_size=8192)
+    publish_desired(device.ctl, load_private_key(fleet_key / "signing.key"), "group:g1", time.time_ns() // 1000,
+                    {"cls": {"version": "1.2.0", "bundle": ref, "health": HEALTH}})  # fmt: skip
+    assert device.wait_event("update-committed")["to"] == "1.2.0"
+    state = json.loads(edgert("status", "--state-dir", str(device.state), "--json", check=True).stdout)
+    assert "group:g1" in state["desired_seq"] and state["models"]["cls"]["version"] == "1.2.0"

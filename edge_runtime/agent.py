@@ -240,17 +240,22 @@ class Agent:
                 self.outbox.wake.wait(1.0)
                 self.outbox.wake.clear()
                 continue
-            acked = 0
+            # Publish the whole batch (pipelined, up to 50 in flight), then delete the prefix the
+            # broker acknowledged, in order. Anything sent but unacknowledged stays and is sent
+            # again later: receivers drop the duplicate by its seq.
+            sent = []
             for rec in batch:
                 topic = f"{self.base}/events" if rec.kind == "event" else f"{self.base}/telemetry"
-                info = self.client.publish(topic, rec.message(self.cfg.device_id), qos=1)
+                sent.append((rec.seq, self.client.publish(topic, rec.message(self.cfg.device_id), qos=1)))
+            acked = 0
+            for seq, info in sent:
                 try:
                     info.wait_for_publish(10)
                 except (RuntimeError, ValueError):  # not queued: the connection went away
                     break
                 if not info.is_published():
                     break
-                acked = rec.seq
+                acked = seq
             if acked:
                 self.outbox.ack(acked)
             else:

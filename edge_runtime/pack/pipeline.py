@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -101,7 +103,15 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
         raise PackError(f"target {req.target} builds {profile.artifact} artifacts, not handled by this packer")
     key = load_private_key(req.key)
     source_bytes = req.model.read_bytes()
-    with tempfile.TemporaryDirectory(prefix="edgert-pack-") as tmp_s:
+    # ONNX Runtime's shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data
+    # of several MB) into the working directory: work inside our temporary directory, with every
+    # path of the request made absolute first.
+    cwd = Path.cwd()
+    req = dataclasses.replace(
+        req, model=req.model.resolve(), calib=req.calib.resolve(), eval=req.eval.resolve(),
+        key=req.key.resolve(), out=req.out.resolve() if req.out else None,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="edgert-pack-") as tmp_s, contextlib.chdir(tmp_s):
         tmp = Path(tmp_s)
         console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")
         try:
@@ -236,7 +246,7 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
             files["warmup.npz"] = warmup.getvalue()
             batching["warmup"] = "warmup.npz"
         draft = BundleManifest.model_validate({**fields, "files": [], "created": "now"})
-        out = req.out or Path(draft.filename)
+        out = req.out or Path(cwd) / draft.filename
         files["report.md"] = render_report(draft, report).encode()
         manifest = write_bundle(out, fields, files, key)
         console.log(f"wrote {out} ({out.stat().st_size} bytes, signed by key {manifest.key_id})")

@@ -99,20 +99,28 @@ class NotifyListener:
         self.sock.close()
 
 
-def test_ready_watchdog_hang_and_stopping(state: Path, tmp_path: Path) -> None:
+def _serve_until_ready(
+    state: Path, tmp_path: Path, extra_env: dict[str, str]
+) -> tuple[NotifyListener, subprocess.Popen[bytes], int]:
+    """The daemon with NOTIFY_SOCKET pointing at a socket this test listens on, until READY=1."""
     listener = NotifyListener(tmp_path / "notify.sock")
     port = free_port()
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "600000"}
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), **extra_env}
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_runtime.cli", "serve", "--state-dir", str(state), "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any("READY=1" in m for _, m in listener.messages) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the daemon exited before READY"
+        time.sleep(0.05)
+    return listener, proc, port
+
+
+def test_ready_watchdog_hang_and_stopping(state: Path, tmp_path: Path) -> None:
+    listener, proc, port = _serve_until_ready(state, tmp_path, {"WATCHDOG_USEC": "600000"})
     try:
-        deadline = time.monotonic() + 60
-        while not any("READY=1" in m for _, m in listener.messages) and time.monotonic() < deadline:
-            assert proc.poll() is None
-            time.sleep(0.05)
         texts = [m for _, m in listener.messages]
         ready_at = next(i for i, m in enumerate(texts) if "READY=1" in m)
         loading = [i for i, m in enumerate(texts) if "STATUS=loading and warming" in m]
@@ -145,17 +153,8 @@ def test_ready_watchdog_hang_and_stopping(state: Path, tmp_path: Path) -> None:
 
 
 def test_stopping_on_sigterm(state: Path, tmp_path: Path) -> None:
-    listener = NotifyListener(tmp_path / "n.sock")
-    port = free_port()
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "n.sock")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_runtime.cli", "serve", "--state-dir", str(state), "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    listener, proc, _ = _serve_until_ready(state, tmp_path, {})
     try:
-        deadline = time.monotonic() + 60
-        while not any("READY=1" in m for _, m in listener.messages) and time.monotonic() < deadline:
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         time.sleep(0.3)

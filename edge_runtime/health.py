@@ -27,7 +27,8 @@ class VersionStats:
         self.mean_sum = 0.0
         self.mean_n = 0
 
-    def record(self, rows: int, seconds: float, outputs: dict[str, np.ndarray]) -> None:
+    def record(self, rows: int, seconds: float, outputs: dict[str, np.ndarray]) -> int:
+        """Count one batch; returns how many of its rows had NaN/Inf in the first output."""
         first = next(iter(outputs.values())) if outputs else np.zeros(0)
         bad = int((~np.isfinite(first.reshape(rows, -1))).any(axis=1).sum()) if first.dtype.kind == "f" and rows else 0
         with self._lock:
@@ -40,6 +41,7 @@ class VersionStats:
             elif first.size and np.isfinite(first).all():
                 self.mean_sum += float(first.mean()) * rows
                 self.mean_n += rows
+        return bad
 
     def record_error(self, rows: int) -> None:
         with self._lock:

@@ -168,8 +168,9 @@ class ModelHandle:
         except Exception:
             version.stats.record_error(rows)
             raise
-        version.stats.record(rows, time.perf_counter() - t0, out)
-        if any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in out.values()):
+        bad = version.stats.record(rows, time.perf_counter() - t0, out)  # scans the first output once
+        others = list(out.values())[1:]
+        if bad or any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in others):
             self._metrics.nonfinite.inc(model=self.name)
         return out
 

@@ -17,6 +17,7 @@ outbox and a record is deleted only once the broker acknowledged it (PUBACK).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -76,6 +77,13 @@ class Agent:
         self.seq = SeqGuard(self.dir / "control-seq.json")
         self.updater = Updater(store, runtime, bundle_keys, cfg.target)
         counters_path = self.dir / "counters.json"
+        outcomes_path = self.dir / "outcomes.json"
+        # The last update outcome per model, with the desired-state seqs it answered: the controller
+        # tells "failed in this rollout" from an old failure by those seqs.
+        self.outcomes: dict[str, dict[str, Any]] = (
+            json.loads(outcomes_path.read_text()) if outcomes_path.exists() else {}
+        )
+        self._lock = threading.Lock()
         self.refused: Counter[str] = Counter(json.loads(counters_path.read_text()) if counters_path.exists() else {})
         self.desired: dict[str, dict[str, Any]] = {}  # scope -> models
         self.rejected: set[tuple[str, str, str]] = set()  # (model, version, sha) that failed: not retried
@@ -84,10 +92,10 @@ class Agent:
         self.crashed: set[tuple[str, str]] = {(str(e["model"]), str(e["from"])) for e in recovered or []}
         for entry in recovered or []:
             self.event("update-rolled-back", {**entry, "to": entry["from"], "restored": entry["to"]})
+            self._outcome(str(entry["model"]), str(entry["from"]), "rolled-back", "the daemon died during the update")
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._work = threading.Event()
-        self._lock = threading.Lock()
         self._chunks: dict[str, ChunkStore] = {}
         self.base = f"{PREFIX}/devices/{cfg.device_id}"
         self.scopes = {
@@ -142,8 +150,9 @@ class Agent:
 
     def _status(self, online: bool) -> bytes:
         return json.dumps(
-            {"device": self.cfg.device_id, "online": online, "ts": time.time(), "edgert": __version__}
-        ).encode()
+            {"device": self.cfg.device_id, "group": self.cfg.group, "online": online, "ts": time.time(),
+             "edgert": __version__}
+        ).encode()  # fmt: skip
 
     # --- MQTT callbacks (network thread: keep them short) ----------------------------
 
@@ -267,8 +276,26 @@ class Agent:
         self.client.publish(f"{self.base}/state", json.dumps(self.state()).encode(), qos=1, retain=True)
 
     def state(self) -> dict[str, Any]:
-        return device_state(self.store, self.outbox.stats(), dict(self.refused), self.cfg.device_id, self.cfg.group,
-                            self.cfg.target, self.seq.seen)  # fmt: skip
+        st = device_state(self.store, self.outbox.stats(), dict(self.refused), self.cfg.device_id, self.cfg.group,
+                          self.cfg.target, self.seq.seen)  # fmt: skip
+        for h in self.runtime.models():
+            m = st["models"].setdefault(h.name, {"version": None, "staged": [], "pending": None})
+            m["serving"] = h.current.version
+            m["live"] = h.current.stats.snapshot()
+            m["standby"] = h.standby.version if h.standby is not None else None
+            m["experiment"] = h.experiment.snapshot() if h.experiment is not None else None
+        with self._lock:
+            for name, outcome in self.outcomes.items():
+                st["models"].setdefault(name, {"version": None, "staged": [], "pending": None})["outcome"] = outcome
+        return st
+
+    def _outcome(self, model: str, version: str, outcome: str, reason: str, figures: Any = None) -> None:
+        entry = {"version": version, "outcome": outcome, "reason": reason[:300], "ts": time.time(),
+                 "seqs": dict(self.seq.seen), "figures": _jsonable(_brief(figures or {}))}  # fmt: skip
+        with self._lock:
+            self.outcomes[model] = entry
+            data = json.dumps(self.outcomes).encode()
+        atomic_write(self.dir / "outcomes.json", data)
 
     # --- updates ---------------------------------------------------------------------
 
@@ -290,6 +317,7 @@ class Agent:
                     return
                 try:
                     self._converge(name, spec, active.get(name))
+                    self._converge_extras(name, spec)
                 except Exception as e:  # never let one bad desired entry stop the agent
                     log.exception("update of %s failed", name)
                     self.event("update-error", {"model": name, "error": str(e)[:300]})
@@ -304,8 +332,7 @@ class Agent:
         if key in self.rejected or (name, version) in self.crashed:
             return
         try:
-            ref = BundleRef.parse(ref_raw if isinstance(ref_raw, dict) else {})
-            path = self._obtain(ref)
+            path = self._installed_or_obtain(name, version, ref_raw)
             if path is None:
                 return  # chunks still arriving; _work is set when the last one lands
             self.updater.stage(name, version, path, bool(spec.get("allow_downgrade")))
@@ -313,18 +340,92 @@ class Agent:
             self.rejected.add(key)
             log.error("update to %s %s refused: %s", name, version, e)
             self.event("update-refused", {"model": name, "version": version, "reason": str(e)})
+            self._outcome(name, version, "refused", str(e))
             self.publish_state()
             return
         self.event("update-started", {"model": name, "from": active, "to": version})
         self.publish_state()
+        standby = spec.get("standby")
+        keep_old = isinstance(standby, dict) and standby.get("version") == active  # blue-green: old stays warm
         result = self.updater.activate_and_watch(
-            name, version, HealthPolicy.from_dict(spec.get("health")), stop=self._stop.is_set
+            name, version, HealthPolicy.from_dict(spec.get("health")), stop=self._stop.is_set, keep_old=keep_old
         )
         if result.outcome != "committed":
             self.rejected.add(key)
         outcome = {"model": name, "from": active, "to": version, "reason": result.reason}
         self.event(f"update-{result.outcome}", {**outcome, "figures": _jsonable(result.figures)})
+        self._outcome(name, version, result.outcome, result.reason, result.figures)
         self.publish_state()
+
+    def _installed_or_obtain(self, name: str, version: str, ref_raw: Any) -> Path | None:
+        """A version still in the store (the one before an update, a blue-green standby) needs no
+        download: switching back to it is local. It is verified again all the same."""
+        installed = self.store.bundle_path(name, version)
+        if ref_raw is None and installed.exists():
+            return installed  # a rollback to a version the controller never published: it is here
+        ref = BundleRef.parse(ref_raw if isinstance(ref_raw, dict) else {})
+        if installed.exists() and hashlib.sha256(installed.read_bytes()).hexdigest() == ref.sha256:
+            return installed
+        return self._obtain(ref)
+
+    def _converge_extras(self, name: str, spec: dict[str, Any]) -> None:
+        """Blue-green standby and shadow/A-B experiments beside the served version."""
+        try:
+            handle = self.runtime.get(name)
+        except KeyError:
+            return  # nothing served yet: extras wait for the main version
+        standby = spec.get("standby")
+        if isinstance(standby, dict) and standby.get("version") != handle.current.version:
+            if handle.standby is None or handle.standby.version != standby.get("version"):
+                path = self._extra_bundle(name, standby, "standby")
+                if path is not None:
+                    self.runtime.prepare(path)
+                    self.event("standby-ready", {"model": name, "version": standby.get("version")})
+                    self.publish_state()
+        elif handle.standby is not None and not isinstance(standby, dict):
+            self.runtime.release_standby(name)
+            self.publish_state()
+        exp = spec.get("experiment")
+        current = handle.experiment
+        if isinstance(exp, dict):
+            kind, split = str(exp.get("kind", "")), float(exp.get("split", 0.0) or 0.0)
+            same = current is not None and (current.kind, current.version, current.served, current.split) == (
+                kind, exp.get("version"), handle.current.version, split if kind == "ab" else 0.0)  # fmt: skip
+            if not same:
+                path = self._extra_bundle(name, exp, f"experiment-{kind}")
+                if path is not None:
+                    if kind not in ("shadow", "ab") or not 0.0 <= split <= 1.0:
+                        raise UpdateRefused(f"experiment needs kind shadow|ab and a split in [0, 1], got {exp}")
+                    ended = self.runtime.stop_experiment(name)
+                    if ended is not None:
+                        self.event("experiment-ended", {"model": name, "figures": ended})
+                    self.runtime.start_experiment(path, kind, split)
+                    self.event("experiment-started", {"model": name, "kind": kind, "version": exp.get("version")})
+                    self.publish_state()
+        elif current is not None:
+            ended = self.runtime.stop_experiment(name)
+            self.event("experiment-ended", {"model": name, "figures": ended})
+            self.publish_state()
+
+    def _extra_bundle(self, name: str, spec: dict[str, Any], what: str) -> Path | None:
+        version = str(spec.get("version", ""))
+        ref_raw = spec.get("bundle")
+        key = (name, version, ref_raw.get("sha256", "") if isinstance(ref_raw, dict) else "")
+        if key in self.rejected:
+            return None
+        try:
+            path = self._installed_or_obtain(name, version, ref_raw)
+            if path is not None:
+                # Not activated, so no version order to keep; activating it later is checked then.
+                self.updater.stage(name, version, path, downgrade=True)
+                return self.store.bundle_path(name, version)
+        except (UpdateRefused, ValueError) as e:
+            self.rejected.add(key)
+            log.error("%s %s %s refused: %s", what, name, version, e)
+            self.event(f"{what}-refused", {"model": name, "version": version, "reason": str(e)[:300]})
+            self._outcome(name, version, f"{what}-refused", str(e))
+            self.publish_state()
+        return None
 
     def _obtain(self, ref: BundleRef) -> Path | None:
         dest = self.updater.downloads / f"{ref.sha256}.edgepkg"
@@ -346,6 +447,11 @@ class Agent:
             self._chunks.pop(ref.sha256, None)
         self.client.unsubscribe(f"{PREFIX}/bundles/{ref.sha256}/+")
         return path
+
+
+def _brief(figures: dict[str, Any]) -> dict[str, Any]:
+    """The health window's summary figures, without the per-version snapshots (kept small)."""
+    return {k: v for k, v in figures.items() if k in ("error_rate", "p95_ratio", "drift")}
 
 
 def _jsonable(obj: Any) -> Any:

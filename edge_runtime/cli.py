@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     dins.add_argument("--root", required=True, help="target root file system, e.g. a mounted image")
     dins.set_defaults(func=cmd_device_install)
 
+    from edge_runtime.fleet.cli import add_parser as add_fleet_parser
+
+    add_fleet_parser(sub)
+
     demo = sub.add_parser("demo", help="fetch a real model, pack it, verify, load and run it")
     demo.add_argument("--workdir", default="out/demo")
     demo.set_defaults(func=cmd_demo)

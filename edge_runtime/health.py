@@ -26,6 +26,8 @@ class VersionStats:
         self.top1: Counter[int] = Counter()
         self.mean_sum = 0.0
         self.mean_n = 0
+        self.batches = 0
+        self.seconds = 0.0  # compute time summed over batches (a mean that adds up across devices)
 
     def record(self, rows: int, seconds: float, outputs: dict[str, np.ndarray]) -> int:
         """Count one batch; returns how many of its rows had NaN/Inf in the first output."""
@@ -35,6 +37,8 @@ class VersionStats:
             self.rows += rows
             self.nonfinite += bad
             self.latencies.append(seconds)
+            self.batches += 1
+            self.seconds += seconds
             if first.ndim == 2 and first.shape[1] > 1 and first.shape[0] == rows:
                 finite = np.isfinite(first).all(axis=1)
                 self.top1.update(int(i) for i in first[finite].argmax(axis=1))
@@ -56,7 +60,9 @@ class VersionStats:
         with self._lock:
             return {"rows": self.rows, "errors": self.errors, "nonfinite": self.nonfinite,
                     "p95_ms": (float(np.percentile(list(self.latencies), 95)) * 1000) if self.latencies else None,
-                    "top1": dict(self.top1), "mean": self.mean_sum / self.mean_n if self.mean_n else None}  # fmt: skip
+                    "top1": dict(self.top1), "mean": self.mean_sum / self.mean_n if self.mean_n else None,
+                    "mean_sum": self.mean_sum, "mean_n": self.mean_n, "batches": self.batches,
+                    "compute_s": self.seconds}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from edge_runtime.backends import Backend, BackendOptions, create_backend
 from edge_runtime.batcher import Batcher, BatchObserver, BatchSettings
 from edge_runtime.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
 from edge_runtime.cache import PredictionCache
+from edge_runtime.experiments import Experiment
 from edge_runtime.health import VersionStats
 from edge_runtime.metrics import BATCH_BUCKETS, Registry, rss_bytes
 from edge_runtime.tensors import InputError, check_inputs
@@ -145,6 +146,8 @@ class ModelHandle:
         self.last_progress = time.monotonic()
         self.cache: PredictionCache | None = None
         self.previous: ModelVersion | None = None  # the version a swap replaced (health baseline)
+        self.standby: ModelVersion | None = None  # loaded and warm beside the served one, not serving (blue-green)
+        self.experiment: Experiment | None = None  # shadow or A/B variant
         self.batcher = Batcher(self._run, settings, observer, name)
 
     @property
@@ -162,16 +165,38 @@ class ModelHandle:
         version = self.current  # read once: a swap mid-batch cannot mix versions
         first = next(iter(feeds.values()))
         rows = int(first.shape[0]) if first.ndim and self.settings.batchable else 1
+        exp = self.experiment
         t0 = time.perf_counter()
         try:
             out = version.run(feeds)
         except Exception:
             version.stats.record_error(rows)
+            if exp is not None:
+                exp.observe_error(version.version, rows)
             raise
-        bad = version.stats.record(rows, time.perf_counter() - t0, out)  # scans the first output once
+        seconds = time.perf_counter() - t0
+        bad = version.stats.record(rows, seconds, out)  # scans the first output once
+        if exp is not None:
+            exp.observe_served(version.version, rows, seconds, feeds, out)
         others = list(out.values())[1:]
         if bad or any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in others):
             self._metrics.nonfinite.inc(model=self.name)
+        return out
+
+    def _run_variant(self, exp: Experiment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A/B: a batch routed to the variant (its own batcher)."""
+        first = next(iter(feeds.values()))
+        rows = int(first.shape[0]) if first.ndim and self.settings.batchable else 1
+        t0 = time.perf_counter()
+        try:
+            out = exp.variant.run(feeds)
+        except Exception:
+            exp.variant.stats.record_error(rows)
+            exp.observe_error(exp.version, rows)
+            raise
+        seconds = time.perf_counter() - t0
+        exp.variant.stats.record(rows, seconds, out)
+        exp.observe_served(exp.version, rows, seconds, feeds, out)
         return out
 
     def _on_batch(self, rows: int, compute_s: float) -> None:
@@ -269,8 +294,12 @@ class Runtime:
             self._models[name] = handle
         return handle
 
-    def swap(self, source: Path | bytes | Bundle, drain_timeout: float = 60.0) -> str:
-        """Load and warm a new version beside the serving one, switch, drain, free. Returns the old version."""
+    def swap(self, source: Path | bytes | Bundle, drain_timeout: float = 60.0, keep_old: bool = False) -> str:
+        """Load and warm a new version beside the serving one, switch, drain, free. Returns the old version.
+
+        When that version is already the warm standby (``prepare``), the switch is instant. With
+        ``keep_old`` the replaced version stays loaded as the standby: switching back is instant too.
+        """
         bundle = self._open(source)
         handle = self.get(bundle.manifest.name)
         with handle._swap_lock:
@@ -279,16 +308,85 @@ class Runtime:
                 raise InputError(
                     f"cannot hot-swap {handle.name}: inputs of {bundle.manifest.version} differ from {old.version}"
                 )
-            new = self._load_version(bundle)
+            standby = handle.standby
+            if standby is not None and standby.bundle_sha256 == bundle.sha256:
+                new, handle.standby = standby, None
+                new.stats = type(new.stats)()  # judged on what it serves from now on
+            else:
+                new = self._load_version(bundle)
             handle.current = new  # atomic: the next batch runs on the new version
             handle.previous = old
-            if not old.drain(drain_timeout):
-                log.warning("version %s still busy after %.0f s; freeing anyway", old.version, drain_timeout)
-            old.close()
-            self.metrics.loaded.remove(model=handle.name, version=old.version)
+            if keep_old:
+                if handle.standby is not None:
+                    self._free(handle.name, handle.standby)
+                handle.standby = old
+            else:
+                if not old.drain(drain_timeout):
+                    log.warning("version %s still busy after %.0f s; freeing anyway", old.version, drain_timeout)
+                self._free(handle.name, old)
             self.metrics.swaps.inc(model=handle.name)
             log.info("swapped %s %s -> %s", handle.name, old.version, new.version)
             return old.version
+
+    def _free(self, name: str, version: ModelVersion) -> None:
+        version.close()
+        handle = self._models.get(name)
+        resident = [handle.current, handle.standby] if handle else []
+        if handle and handle.experiment:
+            resident.append(handle.experiment.variant)
+        if not any(v is not None and v is not version and v.version == version.version for v in resident):
+            self.metrics.loaded.remove(model=name, version=version.version)
+
+    def prepare(self, source: Path | bytes | Bundle) -> ModelVersion:
+        """Load and warm a version as the standby of a served model (blue-green); it serves nothing
+        until ``swap`` switches to it. Replaces a different standby; the same one is kept."""
+        bundle = self._open(source)
+        handle = self.get(bundle.manifest.name)
+        with handle._swap_lock:
+            if handle.standby is not None and handle.standby.bundle_sha256 == bundle.sha256:
+                return handle.standby
+            if handle.current.bundle_sha256 == bundle.sha256:
+                raise ValueError(f"{handle.name} {bundle.manifest.version} is already the served version")
+            new = self._load_version(bundle)
+            old, handle.standby = handle.standby, new
+        if old is not None:
+            self._free(handle.name, old)
+        return new
+
+    def release_standby(self, name: str) -> None:
+        handle = self.get(name)
+        with handle._swap_lock:
+            old, handle.standby = handle.standby, None
+        if old is not None:
+            self._free(name, old)
+
+    def start_experiment(self, source: Path | bytes | Bundle, kind: str, split: float = 0.0) -> Experiment:
+        """Load a variant beside the served version: ``shadow`` (runs the same inputs, serves nothing)
+        or ``ab`` (serves the share ``split`` of requests). Replaces a running experiment."""
+        bundle = self._open(source)
+        handle = self.get(bundle.manifest.name)
+        if [i.model_dump() for i in bundle.manifest.inputs] != [i.model_dump() for i in handle.inputs]:
+            raise InputError(f"variant {bundle.manifest.version} of {handle.name} has different inputs")
+        self.stop_experiment(handle.name)
+        exp = Experiment(kind, handle.current.version, self._load_version(bundle), split)
+        if kind == "ab":
+            exp.batcher = Batcher(
+                lambda feeds: handle._run_variant(exp, feeds), handle.settings, name=f"{handle.name}-ab"
+            )
+        handle.experiment = exp
+        log.info("%s experiment on %s: %s beside %s", kind, handle.name, exp.version, exp.served)
+        return exp
+
+    def stop_experiment(self, name: str) -> dict[str, Any] | None:
+        """End the model's experiment; returns its final figures (None if there was none)."""
+        handle = self.get(name)
+        exp, handle.experiment = handle.experiment, None
+        if exp is None:
+            return None
+        figures = exp.snapshot()
+        exp.close()
+        self._free(name, exp.variant)
+        return figures
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -296,6 +394,10 @@ class Runtime:
         if handle is None:
             raise ModelNotFoundError(f"model {name!r} is not loaded")
         handle.batcher.close(drain=True)
+        if handle.experiment is not None:
+            handle.experiment.close()
+        if handle.standby is not None:
+            handle.standby.close()
         handle.current.close()
         self.metrics.loaded.remove(model=name, version=handle.current.version)
 
@@ -334,7 +436,7 @@ class Runtime:
             self.metrics.rejected.inc(model=name, reason="bad_input")
             raise
         key = None
-        if handle.cache is not None:
+        if handle.cache is not None and handle.experiment is None:  # experiments see every request
             key = PredictionCache.key(handle.current.version, feeds)
             hit = handle.cache.get(key)
             if hit is not None:
@@ -347,8 +449,16 @@ class Runtime:
         if handle.settings.batchable and rows > handle.settings.max_batch:
             self.metrics.rejected.inc(model=name, reason="bad_input")
             raise InputError(f"batch of {rows} exceeds max batch {handle.settings.max_batch} of model {name!r}")
+        exp = handle.experiment
+        variant = exp is not None and exp.batcher is not None and exp.route_to_variant()
         try:
-            fut = handle.batcher.submit(feeds, rows, timeout_ms)
+            if variant:
+                assert exp is not None and exp.batcher is not None
+                fut = exp.batcher.submit(feeds, rows, timeout_ms)
+                fut.served_version = exp.version  # type: ignore[attr-defined]
+            else:
+                fut = handle.batcher.submit(feeds, rows, timeout_ms)
+                fut.served_version = handle.current.version  # type: ignore[attr-defined]
         except Exception:
             self.metrics.rejected.inc(model=name, reason="queue_full")
             raise

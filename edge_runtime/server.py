@@ -236,7 +236,8 @@ class Handler(BaseHTTPRequestHandler):
             fut = rt.submit(name, feeds, version, timeout_ms)
             outputs = fut.result(timeout=(timeout_ms or rt.batching.timeout_ms) / 1000.0 + 30.0)
             handle = rt.get(name)
-            out_body, out_header = encode_response(name, handle.current.version, request, outputs)
+            served = getattr(fut, "served_version", handle.current.version)  # A/B: the variant that answered
+            out_body, out_header = encode_response(name, served, request, outputs)
         except ModelNotFoundError as e:
             self._error(404, str(e))
         except (ProtocolError, InputError, ValueError) as e:

@@ -199,7 +199,12 @@ class Updater:
             fsync_dir(dest.parent)
 
     def activate_and_watch(
-        self, name: str, version: str, policy: HealthPolicy, stop: Callable[[], bool] = lambda: False
+        self,
+        name: str,
+        version: str,
+        policy: HealthPolicy,
+        stop: Callable[[], bool] = lambda: False,
+        keep_old: bool = False,
     ) -> UpdateResult:
         current = next((m.version for m in self.store.active() if m.name == name), None)
         self.store.begin_update(name, current, version)
@@ -209,7 +214,7 @@ class Updater:
             if current is None:
                 self.runtime.load(self.store.bundle_path(name, version))
             else:
-                self.runtime.swap(self.store.bundle_path(name, version))
+                self.runtime.swap(self.store.bundle_path(name, version), keep_old=keep_old)
         except Exception as e:  # crash on load (or warm-up): never served
             return self._roll_back(name, current, version, f"new version failed to load: {e}", {})
         handle = self.runtime.get(name)
@@ -243,7 +248,7 @@ class Updater:
             self.store.activate(name, old)
             try:
                 if self.runtime.get(name).current.version != old:
-                    self.runtime.swap(self.store.bundle_path(name, old))
+                    self.runtime.swap(self.store.bundle_path(name, old))  # instant when old is the standby
             except Exception as e:  # the old version loaded before: this should not fail
                 log.exception("could not swap back to %s %s: %s", name, old, e)
         else:

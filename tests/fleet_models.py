@@ -55,7 +55,32 @@ def classifier(variant: str = "good", seed: int = 0) -> bytes:
         ]
         inits += [numpy_helper.from_array(np.array(700, np.int64), "extra"),
                   numpy_helper.from_array(np.array(0.0, np.float32), "zero")]  # fmt: skip
-    if variant == "nan":
+    if variant == "bad":
+        # Breaks on some data only (as real regressions do): NaN when the frame's mean level is
+        # above 0.7, 3000 more loop iterations (~12 ms more, same answer) between 0.45 and 0.7,
+        # the good model's answers below. Simulated devices see different levels.
+        nodes[-1] = helper.make_node("MatMul", ["h", "W2"], ["logits1"])
+        nodes += [
+            helper.make_node("ReduceMean", ["x"], ["lvl"], keepdims=0),
+            helper.make_node("Greater", ["lvl", "hi"], ["is_hi"]),
+            helper.make_node("Greater", ["lvl", "mid"], ["above_mid"]),
+            helper.make_node("Not", ["is_hi"], ["not_hi"]),
+            helper.make_node("And", ["above_mid", "not_hi"], ["is_mid"]),
+            helper.make_node("Cast", ["is_mid"], ["mid_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["mid_i", "extra"], ["trips_extra"]),
+            helper.make_node("Loop", ["trips_extra", "yes", "x"], ["h_extra"], body=body),
+            helper.make_node("ReduceSum", ["h_extra"], ["s"], keepdims=0),
+            helper.make_node("Mul", ["s", "zero"], ["z"]),
+            helper.make_node("Where", ["is_hi", "nan1", "zero"], ["poison"]),
+            helper.make_node("Add", ["z", "poison"], ["zp"]),
+            helper.make_node("Add", ["logits1", "zp"], ["logits"]),
+        ]
+        inits += [numpy_helper.from_array(np.array(3000, np.int64), "extra"),
+                  numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                  numpy_helper.from_array(np.array(np.nan, np.float32), "nan1"),
+                  numpy_helper.from_array(np.array(0.7, np.float32), "hi"),
+                  numpy_helper.from_array(np.array(0.45, np.float32), "mid")]  # fmt: skip
+    elif variant == "nan":
         nodes.append(helper.make_node("Mul", ["logits0", "nan"], ["logits"]))
         inits.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
     elif variant == "crash":
@@ -69,7 +94,7 @@ def classifier(variant: str = "good", seed: int = 0) -> bytes:
         ]
         inits += [numpy_helper.from_array(np.array(1000.0, np.float32), "k"),
                   numpy_helper.from_array(np.zeros(1, np.float32), "table")]  # fmt: skip
-    else:
+    elif variant != "bad":
         nodes.append(helper.make_node("Identity", ["logits0"], ["logits"]))
     graph = helper.make_graph(
         nodes, "cls", [t("x", TensorProto.FLOAT, ["N", DIM])], [t("logits", TensorProto.FLOAT, ["N", CLASSES])], inits
@@ -80,10 +105,16 @@ def classifier(variant: str = "good", seed: int = 0) -> bytes:
 
 
 def make_bundle(
-    out: Path, key: Path, version: str, variant: str = "good", name: str = "cls", target: str = "x86-cpu"
+    out: Path,
+    key: Path,
+    version: str,
+    variant: str = "good",
+    name: str = "cls",
+    target: str = "x86-cpu",
+    seed: int = 0,
 ) -> Path:
     """variant "crash-on-load" is the crashing model warmed with real-looking data: it fails while loading."""
-    model = classifier("crash" if variant == "crash-on-load" else variant)
+    model = classifier("crash" if variant == "crash-on-load" else variant, seed)
     warm = io.BytesIO()
     np.savez(warm, x=np.full((1, DIM), 0.5 if variant == "crash-on-load" else 0.0, np.float32))
     write_bundle(

@@ -167,4 +167,4 @@ class Experiment:
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join(30)
-        self.variant.close()
+        # The variant itself is freed by the Runtime (it may become the served version).

@@ -396,6 +396,7 @@ class Runtime:
         handle.batcher.close(drain=True)
         if handle.experiment is not None:
             handle.experiment.close()
+            handle.experiment.variant.close()
         if handle.standby is not None:
             handle.standby.close()
         handle.current.close()

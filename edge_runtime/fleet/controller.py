@@ -133,7 +133,11 @@ class Controller:
         ref = self.db.bundle(name, version)
         if ref is None:
             raise FleetError(f"{name} {version} was not published; run `edgert fleet publish BUNDLE` first")
-        devices = self.link.group(group)
+        deadline = time.monotonic() + 10  # a device that just came online reports its state within seconds
+        while (devices := self.link.group(group)) and any(v.online and not v.state for v in devices):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if not devices:
             raise FleetError(f"no device of group {group!r} has reported to the broker")
         serving = [v.serving(name) for v in devices if v.serving(name)]

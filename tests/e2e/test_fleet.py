@@ -8,7 +8,6 @@ devices computed, a controller killed with SIGKILL mid-rollout, and forged comma
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,11 +25,11 @@ from edge_runtime.control import desired_payload, sign
 from edge_runtime.fleet.controller import Controller, RolloutParams
 from edge_runtime.fleet.db import ControllerDB
 from edge_runtime.fleet.link import BrokerAuth, FleetLink
-from edge_runtime.fleet.simulate import Simulation, SimSettings
+from edge_runtime.fleet.simulate import SimSettings, Simulation
 from edge_runtime.runtime import Runtime
 from tests.broker import Broker
 from tests.conftest import edgert
-from tests.fleet_models import DIM, make_bundle
+from tests.fleet_models import make_bundle
 
 pytestmark = pytest.mark.e2e
 
@@ -181,3 +180,268 @@ def test_canary_then_staged_reaches_every_device_and_offline_one_converges(
         sim_proc.send_signal(signal.SIGTERM)
         sim_proc.wait(60)
         sim_log.close()
+
+
+# --- automatic abort -----------------------------------------------------------------
+
+
+def test_bad_version_is_aborted_fleet_wide_and_moved_devices_return(
+    broker: Broker, fleet: dict[str, Path], keys: Path, tmp_path: Path
+) -> None:
+    """3.0.0 gives NaN on devices whose sensors read high and is ~12 ms slower on mid ones."""
+    s = settings(broker, fleet, keys, "bad", rate_hz=8, levels=(0.3, 0.55, 0.85), bundles=(fleet["v1"],))
+    ctl = Ctl(broker, fleet, keys, tmp_path / "fleet.db")
+    with Simulation(s, 12) as sim:
+        try:
+            ctl.c.publish(fleet["bad"], ctl.trust)
+            ctl.c.publish(fleet["v1"], ctl.trust)
+            wait_for(lambda: [v.serving("cls") for v in ctl.link.group("bad")] == ["1.0.0"] * 12, 30, "12 devices")
+            params = RolloutParams(steps=[50, 100], min_devices=3, max_failure_rate=0.2, health_window=2.5,
+                                   min_inferences=10, min_p95_increase_ms=5)  # fmt: skip
+            rid = ctl.c.create("cls", "3.0.0", "bad", "staged", params)
+            t0 = time.monotonic()
+            r = ctl.c.drive(rid)
+            assert r.status == "aborted", ctl.decisions
+            # Either device verdicts (NaN/Inf, p95) or the fleet-wide error rate stopped it.
+            assert ("failed" in r.reason and "over the 20% allowed" in r.reason) or "error rate" in r.reason, r.reason
+            moved = set(r.devices)
+            assert len(moved) == 6  # the first stage only: the second never started
+            assert r.from_version == "1.0.0"
+            assert any(m.startswith("ABORT:") for m in ctl.decisions)
+            # Every device, moved or not, serves 1.0.0 again; none stays on 3.0.0.
+            wait_for(lambda: serving(sim) == Counter({"1.0.0": 12}), 60, f"all back on 1.0.0: {serving(sim)}")
+            took = time.monotonic() - t0
+            assert took < 60
+            decisions = ctl.db.decisions(rid)
+            assert any("rollback published" in d["message"] for d in decisions)
+            # The devices that passed were moved back by the signed rollback, not by themselves.
+            passed = [dev for dev, d in r.devices.items() if d["status"] == "passed"]
+            for dev in passed:
+                outcome = ctl.link.view(dev).model("cls").get("outcome")  # type: ignore[union-attr]
+                assert outcome["version"] == "1.0.0" and outcome["outcome"] == "committed"
+        finally:
+            ctl.close()
+
+
+# --- shadow and A/B --------------------------------------------------------------------
+
+
+def _expected(fleet: dict[str, Path], keys: Path, frames: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """What 1.0.0 and 4.0.0 compute on these frames, computed here, apart from the devices."""
+    rt = Runtime(load_public_keys([keys / "signing.pub"]))
+    out = {}
+    for tag, version in (("v1", "1.0.0"), ("alt", "4.0.0")):
+        b = make_bundle(fleet["root"] / f"copy-{version}.edgepkg", keys / "signing.key", version,
+                        seed=1 if tag == "alt" else 0)  # fmt: skip
+        h = rt.load(b)
+        out[version] = np.concatenate([rt.infer("cls", f)["logits"] for f in frames])
+        rt.unload(h.name)
+    rt.close()
+    return out
+
+
+def test_shadow_and_ab_figures_match_what_devices_computed(
+    broker: Broker, fleet: dict[str, Path], keys: Path, tmp_path: Path
+) -> None:
+    s = settings(broker, fleet, keys, "exp", rate_hz=0, bundles=(fleet["v1"],))  # the test sends the traffic
+    ctl = Ctl(broker, fleet, keys, tmp_path / "fleet.db")
+    with Simulation(s, 3) as sim:
+        try:
+            ctl.c.publish(fleet["alt"], ctl.trust)
+            wait_for(lambda: sum(v.online for v in ctl.link.group("exp")) == 3, 30, "3 devices online")
+            params = RolloutParams(min_devices=2, health_window=1.0, min_inferences=1)
+
+            # Shadow: 4.0.0 runs on every frame 1.0.0 serves; nothing it computes is served.
+            rid = ctl.c.create("cls", "4.0.0", "exp", "shadow", params)
+            assert ctl.c.drive(rid).status == "observing"
+            wait_for(lambda: all(d.runtime.get("cls").experiment for d in sim.devices), 30, "shadow loaded")  # type: ignore[union-attr]
+            frames: list[np.ndarray] = []
+            for d in sim.devices:
+                for _ in range(40):
+                    f = d.frame([1, 64], "float32")
+                    frames.append(f)
+                    out = d.runtime.infer("cls", f)  # type: ignore[union-attr]
+                    assert out["logits"].shape == (1, 4)
+            exp = _expected(fleet, keys, frames)
+            r = ctl.c.resolve(rid)
+            figs = wait_for(
+                lambda: (f := ctl.c.experiment_figures(r)) and (f["shadow"] or {}).get("rows") == 120 and f,
+                30, "120 compared rows reported",
+            )  # fmt: skip
+            agree = int((exp["1.0.0"].argmax(1) == exp["4.0.0"].argmax(1)).sum())
+            assert figs["shadow"]["agree_top1"] == agree and figs["shadow"]["classified"] == 120
+            assert figs["shadow"]["dropped"] == 0
+            assert figs["shadow"]["mean_abs_diff"] == pytest.approx(
+                np.abs(exp["1.0.0"] - exp["4.0.0"]).mean(), rel=1e-4
+            )
+            assert figs["shadow"]["max_abs_diff"] == pytest.approx(np.abs(exp["1.0.0"] - exp["4.0.0"]).max(), rel=1e-4)
+            for version in ("1.0.0", "4.0.0"):
+                top1 = Counter(str(c) for c in exp[version].argmax(1))
+                assert figs["variants"][version]["top1"] == dict(top1)
+                assert figs["variants"][version]["rows"] == 120 and figs["variants"][version]["devices"] == 3
+            assert serving(sim) == Counter({"1.0.0": 3})  # shadow serves nothing
+            assert ctl.c.abort(rid, "dropped by the operator").status == "aborted"
+            wait_for(lambda: not any(d.runtime.get("cls").experiment for d in sim.devices), 30, "shadow dropped")  # type: ignore[union-attr]
+
+            # A/B: 30% of each device's requests are answered by 4.0.0; the answers say which.
+            params.split = 30.0
+            rid = ctl.c.create("cls", "4.0.0", "exp", "ab", params)
+            assert ctl.c.drive(rid).status == "observing"
+            wait_for(lambda: all(d.runtime.get("cls").experiment for d in sim.devices), 30, "variant loaded")  # type: ignore[union-attr]
+            seen: dict[str, list[int]] = {"1.0.0": [], "4.0.0": []}
+            for d in sim.devices:
+                for _ in range(50):
+                    fut = d.runtime.submit("cls", {"x": d.frame([1, 64], "float32")})  # type: ignore[union-attr]
+                    seen[fut.served_version].append(int(fut.result(10)["logits"].argmax()))  # type: ignore[attr-defined]
+            assert len(seen["4.0.0"]) == 3 * 15  # exactly 30% of 50 per device
+            r = ctl.c.resolve(rid)
+            figs = wait_for(
+                lambda: (f := ctl.c.experiment_figures(r))
+                and sum(v["rows"] for v in f["variants"].values()) == 150 and f,
+                30, "150 A/B rows reported",
+            )  # fmt: skip
+            for version, classes in seen.items():
+                assert figs["variants"][version]["rows"] == len(classes)
+                assert figs["variants"][version]["top1"] == dict(Counter(str(c) for c in classes))
+                assert figs["variants"][version]["error_rate"] == 0
+            status = cli(broker, fleet, tmp_path / "fleet.db", "status", str(rid), check=True).stdout
+            assert "ab: per-version figures" in status and "4.0.0" in status
+
+            # Promote: every device moves to 4.0.0 through its health window.
+            ctl.c.promote(rid)
+            r = ctl.c.drive(rid)
+            assert r.status == "completed", ctl.decisions
+            assert serving(sim) == Counter({"4.0.0": 3})
+            assert not any(d.runtime.get("cls").experiment for d in sim.devices)  # type: ignore[union-attr]
+        finally:
+            ctl.close()
+
+
+# --- blue-green ----------------------------------------------------------------------
+
+
+def test_blue_green_stages_warm_switches_together_and_switches_back(
+    broker: Broker, fleet: dict[str, Path], keys: Path, tmp_path: Path
+) -> None:
+    s = settings(broker, fleet, keys, "bg", rate_hz=8, bundles=(fleet["v1"],))
+    ctl = Ctl(broker, fleet, keys, tmp_path / "fleet.db")
+    with Simulation(s, 6) as sim:
+        try:
+            ctl.c.publish(fleet["v2"], ctl.trust)
+            wait_for(lambda: sum(v.online for v in ctl.link.group("bg")) == 6, 30, "6 devices online")
+            params = RolloutParams(min_devices=3, health_window=1.5, min_inferences=5, min_p95_increase_ms=5)
+            rid = ctl.c.create("cls", "2.0.0", "bg", "blue-green", params)
+            r = ctl.c.drive(rid)
+            assert r.status == "completed", ctl.decisions
+            assert any("warm; the whole group switches" in m for m in ctl.decisions)
+            assert serving(sim) == Counter({"2.0.0": 6})
+            # 1.0.0 stays loaded and warm beside it: switching back loads nothing.
+            assert all(d.runtime.get("cls").standby.version == "1.0.0" for d in sim.devices)  # type: ignore[union-attr]
+            warm = [d.runtime.get("cls").standby for d in sim.devices]  # type: ignore[union-attr]
+            assert ctl.c.rollback(rid).status == "rolled-back"
+            wait_for(lambda: serving(sim) == Counter({"1.0.0": 6}), 30, "switch back")
+            # The very objects that were warm serve now: nothing was loaded to switch back.
+            assert all(d.runtime.get("cls").current is w for d, w in zip(sim.devices, warm, strict=True))  # type: ignore[union-attr]
+        finally:
+            ctl.close()
+
+
+# --- controller killed mid-rollout -------------------------------------------------------
+
+
+def test_controller_killed_mid_rollout_resumes_and_finishes(
+    broker: Broker, fleet: dict[str, Path], keys: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "fleet.db"
+    s = settings(broker, fleet, keys, "kill", rate_hz=8, bundles=(fleet["v1"],))
+    with Simulation(s, 10) as sim:
+        cli(broker, fleet, state, "publish", str(fleet["v2"]), "--trust", str(keys / "signing.pub"), check=True)
+        args = ["fleet", "--broker", broker.url, "--key", str(fleet["fleet_key"]), "--state", str(state),
+                "--username", "controller", "--password-file", str(fleet["ctl_pw"]), "rollout", "cls:2.0.0",
+                "--group", "kill", "--strategy", "staged", "--steps", "20,60,100", "--health-window", "2",
+                "--min-inferences", "8", "--min-devices", "2", "--min-p95-increase-ms", "5"]  # fmt: skip
+        wait_for(lambda: "10 devices" in cli(broker, fleet, state, "devices", "--group", "kill").stdout
+                 and sum(d.agent is not None and d.agent.connected.is_set() for d in sim.devices) == 10,
+                 30, "10 devices")  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        db = ControllerDB(state)
+        try:
+            # Kill it for real once the second stage has moved devices, in the middle of their window.
+            wait_for(lambda: any("stage 2/3 (60%): moved" in d["message"] for r in db.rollouts()
+                                 for d in db.decisions(r.id)), 90, "stage 2 to start")  # fmt: skip
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(10) == -signal.SIGKILL
+            r = db.rollouts()[-1]
+            assert r.status == "running" and r.phase == 1
+            moved_before = set(r.devices)
+            res = cli(broker, fleet, state, "resume", "--json", timeout=180)
+            out = json.loads(res.stdout)
+            assert res.returncode == 0, "\n".join(d["message"] for d in out["decisions"])
+            assert out["rollout"]["status"] == "completed"
+            assert moved_before <= set(out["devices"])
+            assert any("controller resumed" in d["message"] for d in out["decisions"])
+            assert out["group"]["serving"] == {"2.0.0": 10}
+            assert serving(sim) == Counter({"2.0.0": 10})
+            assert Counter(d["stage"] for d in out["devices"].values()) == {0: 2, 1: 4, 2: 4}
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            db.close()
+
+
+# --- forged and unauthorized commands ----------------------------------------------------
+
+
+def test_forged_replayed_and_unauthorized_commands_are_ignored_by_every_device(
+    broker: Broker, fleet: dict[str, Path], keys: Path, other_keys: Path, tmp_path: Path
+) -> None:
+    s = settings(broker, fleet, keys, "sec", rate_hz=4, bundles=(fleet["v1"],))
+    ctl = Ctl(broker, fleet, keys, tmp_path / "fleet.db")
+    with Simulation(s, 5) as sim:
+        try:
+            ref = ctl.c.publish(fleet["v2"], ctl.trust)
+            wait_for(lambda: sum(v.online for v in ctl.link.group("sec")) == 5, 30, "5 devices online")
+            bundle = ctl.db.bundle("cls", "2.0.0")
+            models = {"cls": {"version": "2.0.0", "bundle": bundle}}
+            # 1. A genuine desired state the devices accept (to replay later): 1.0.0, what they run.
+            ctl.link.desired("group:sec", {"cls": {"version": "1.0.0"}})
+            wait_for(lambda: all(sum((v.state.get("desired_seq") or {}).values()) for v in ctl.link.group("sec")),
+                     20, "devices to take the genuine state")  # fmt: skip
+            genuine = ctl.db.messages(["group:sec"])[0][2]
+            ctl.link.desired("group:sec", {"cls": {"version": "1.0.0"}, "other": {}})
+            c = broker.client("controller")
+            intruder = broker.client("intruder")
+            try:
+                topic = "edgert/v1/groups/sec/desired"
+                seq = int(time.time() * 1000) + 10_000_000
+                forged = sign(desired_payload("group:sec", seq, models), load_private_key(other_keys / "signing.key"))
+                c.publish(topic, forged, qos=1).wait_for_publish(5)  # signed by a key the fleet does not trust
+                c.publish(topic, genuine, qos=1).wait_for_publish(5)  # replayed: a real signature, an old seq
+                unsigned = json.dumps({"payload": desired_payload("group:sec", seq + 1, models)}).encode()
+                c.publish(topic, unsigned, qos=1).wait_for_publish(5)
+                for dev in ("sec-000", "sec-003"):  # signed for another scope, sent to a device
+                    other = sign(desired_payload("group:sec", seq + 2, models), load_private_key(fleet["fleet_key"]))
+                    c.publish(f"edgert/v1/devices/{dev}/desired", other, qos=1).wait_for_publish(5)
+                # An account that may not publish there at all: the broker's ACL drops it.
+                good = sign(desired_payload("group:sec", seq + 3, models), load_private_key(fleet["fleet_key"]))
+                intruder.publish(topic, good, qos=1).wait_for_publish(5)
+            finally:
+                for client in (c, intruder):
+                    client.disconnect()
+                    client.loop_stop()
+
+            def refused(dev: str) -> dict[str, int]:
+                v = ctl.link.view(dev)
+                return dict(v.state.get("control_refused") or {}) if v else {}
+
+            wait_for(lambda: all({"forged", "replayed", "unsigned"} <= set(refused(d.id)) for d in sim.devices),
+                     20, "every device to refuse them")  # fmt: skip
+            assert all("wrong-scope" in refused(d) for d in ("sec-000", "sec-003"))
+            time.sleep(2)  # give any wrongly accepted update the time to start
+            assert serving(sim) == Counter({"1.0.0": 5})
+            assert all(d.agent is not None and not d.agent.rejected for d in sim.devices)
+            assert ref["version"] == "2.0.0"
+        finally:
+            ctl.close()

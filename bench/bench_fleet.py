@@ -8,6 +8,8 @@ inference each, health window shortened to 3 s):
 - a bad version (NaN on a third of the devices, ~12 ms slower on another third) rolled out the
   same way: seconds from the first bad report the controller received to the abort being
   published, and to every device serving the old version again;
+- latency is not judged here (--max-p95-ratio 1000): 100 simulated devices saturate the 2 cores
+  this runs on, so every device's p95 jumps during its window for reasons no real device has;
 - the controller's CPU seconds and peak RSS (the controller runs in this process; the simulated
   devices in another one, so they are not counted).
 
@@ -37,6 +39,23 @@ from tests.broker import Broker  # noqa: E402
 from tests.fleet_models import make_bundle  # noqa: E402
 
 WINDOW = 3.0
+SIM = """
+import signal, sys, threading
+from pathlib import Path
+from edge_runtime.fleet.simulate import SimDevice, SimSettings
+url, start, count, root, prefix, trust, fleet, bundle = sys.argv[1:]
+s = SimSettings(url=url, state_root=Path(root), group=prefix, trust=Path(trust), fleet_key=Path(fleet),
+                password="dev", prefix=prefix, rate_hz=2, levels=(0.3, 0.55, 0.85), telemetry_interval_s=1,
+                bundles=(Path(bundle),))
+devices = [SimDevice(i, s) for i in range(int(start), int(start) + int(count))]
+for d in devices:
+    d.start()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+stop.wait()
+for d in devices:
+    d.stop()
+"""
 
 
 def cpu_s() -> float:
@@ -64,14 +83,16 @@ def run(n: int, tmp: Path) -> dict[str, object]:
     v2 = make_bundle(tmp / "v2.edgepkg", keys / "signing.key", "2.0.0")
     bad = make_bundle(tmp / "v3.edgepkg", keys / "signing.key", "3.0.0", variant="bad")
     log = (tmp / "sim.log").open("wb")
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "edge_runtime.cli", "fleet", "simulate", "--broker", broker.url, "--devices", str(n),
-         "--state-root", str(tmp / "devices"), "--group", prefix, "--prefix", prefix, "--trust",
-         str(keys / "signing.pub"), "--fleet-key", str(fleet / "signing.pub"), "--device-password-file",
-         str(tmp / "dev.pw"), "--rate", "2", "--levels", "0.3,0.55,0.85", "--telemetry-interval", "1",
-         "--bundle", str(v1)],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
+    # At most 25 devices per simulator process: one Python process per 25 agents keeps the GIL
+    # from dominating their latency figures (real devices each have their own CPU).
+    sims = []
+    for start in range(0, n, 25):
+        count = min(25, n - start)
+        sims.append(subprocess.Popen(
+            [sys.executable, "-c", SIM, broker.url, str(start), str(count), str(tmp / "devices"), prefix,
+             str(keys / "signing.pub"), str(fleet / "signing.pub"), str(v1)],
+            stdout=subprocess.DEVNULL, stderr=log,
+        ))  # fmt: skip
     db = ControllerDB(tmp / "fleet.db")
     link = FleetLink(BrokerAuth(broker.url, "controller", "ctl"), load_private_key(fleet / "signing.key"), db)
     link.start()
@@ -82,13 +103,13 @@ def run(n: int, tmp: Path) -> dict[str, object]:
         for b in (v2, bad):
             ctl.publish(b, [keys / "signing.pub"])
         params = dict(steps=[1, 10, 50, 100], min_devices=1, max_failure_rate=0.2, health_window=WINDOW,
-                      min_inferences=5, min_p95_increase_ms=5)  # fmt: skip
+                      min_inferences=5, max_p95_ratio=1000.0)  # fmt: skip
 
         c0, t0 = cpu_s(), time.monotonic()
         rid = ctl.create("cls", "2.0.0", prefix, "staged", RolloutParams(**params))  # type: ignore[arg-type]
         r = ctl.drive(rid)
         good_s, good_cpu = time.monotonic() - t0, cpu_s() - c0
-        assert r.status == "completed", r.reason
+        assert r.status == "completed", (r.reason, [d["reason"] for d in r.devices.values() if d["status"] == "failed"])
         failed_good = sum(d["status"] == "failed" for d in r.devices.values())
         wait(lambda: [v.serving("cls") for v in link.group(prefix)] == ["2.0.0"] * n, 120, "all on 2.0.0")
 
@@ -114,8 +135,10 @@ def run(n: int, tmp: Path) -> dict[str, object]:
     finally:
         link.stop()
         db.close()
-        sim.send_signal(signal.SIGTERM)
-        sim.wait(120)
+        for sim in sims:
+            sim.send_signal(signal.SIGTERM)
+        for sim in sims:
+            sim.wait(120)
         log.close()
         broker.stop()
 

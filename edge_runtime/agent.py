@@ -451,7 +451,7 @@ class Agent:
 
 def _brief(figures: dict[str, Any]) -> dict[str, Any]:
     """The health window's summary figures, without the per-version snapshots (kept small)."""
-    return {k: v for k, v in figures.items() if k in ("error_rate", "p95_ratio", "drift")}
+    return {k: v for k, v in figures.items() if k in ("error_rate", "p95_ratio", "p95_increase_ms", "drift")}
 
 
 def _jsonable(obj: Any) -> Any:

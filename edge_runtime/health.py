@@ -114,6 +114,7 @@ def evaluate(policy: HealthPolicy, baseline: VersionStats | None, current: Versi
         if old_p95 and new_p95:
             ratio = new_p95 / old_p95
             figures["p95_ratio"] = ratio
+            figures["p95_increase_ms"] = (new_p95 - old_p95) * 1000
             if ratio > policy.max_p95_ratio and (new_p95 - old_p95) * 1000 > policy.min_p95_increase_ms:
                 return Verdict(
                     False, f"p95 latency {ratio:.1f}x the previous version's (limit {policy.max_p95_ratio}x)", figures

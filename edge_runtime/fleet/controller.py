@@ -504,7 +504,9 @@ class Controller:
                 errors += int(live.get("errors") or 0) + int(live.get("nonfinite") or 0)
             figs = (v.model(r.name).get("outcome") or {}).get("figures") or {}
             if figs.get("p95_ratio") is not None:
-                ratios.append(float(figs["p95_ratio"]))
+                # Below the absolute floor a ratio is noise (0.1 ms -> 0.3 ms is "3x"): counted as 1.
+                noise = float(figs.get("p95_increase_ms") or 0.0) <= p.min_p95_increase_ms
+                ratios.append(1.0 if noise else float(figs["p95_ratio"]))
         if reporting >= p.min_devices and rows >= p.min_inferences and errors / rows > p.max_error_rate:
             self._revert(
                 r, f"{r.version} error rate {errors / rows:.1%} across {reporting} devices, over {p.max_error_rate:.1%}"

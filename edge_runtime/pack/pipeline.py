@@ -63,6 +63,7 @@ class PackRequest:
     max_calib: int | None = None
     max_eval: int | None = None
     stateful: bool = False
+    artifact: str | None = None  # onnx | tflite; default: the target's first
 
 
 @dataclass
@@ -99,8 +100,12 @@ def _digest(samples: list[Sample]) -> set[str]:
 def pack(req: PackRequest, console: Console | None = None) -> PackResult:
     console = console or Console(stderr=True, quiet=True)
     profile = get_target(req.target)
-    if profile.artifact != "onnx":
-        raise PackError(f"target {req.target} builds {profile.artifact} artifacts, not handled by this packer")
+    artifact = req.artifact or profile.artifact
+    if artifact not in profile.all_artifacts:
+        raise PackError(f"target {profile.name} ships {' or '.join(profile.all_artifacts)} artifacts, not {artifact}")
+    if artifact == "onnx" and req.model.suffix != ".onnx":
+        raise PackError(f"{req.model}: ONNX artifacts are built from .onnx models; Keras and SavedModel "
+                        "sources convert to TFLite (--artifact tflite, or --target npu)")  # fmt: skip
     key = load_private_key(req.key)
     source_bytes = req.model.read_bytes()
     # ONNX Runtime's shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data
@@ -113,6 +118,13 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="edgert-pack-") as tmp_s, contextlib.chdir(tmp_s):
         tmp = Path(tmp_s)
+        if artifact == "tflite":
+            from edge_runtime.pack.tflite_pack import pack_tflite
+
+            try:
+                return pack_tflite(req, profile, tmp, console, Path(cwd))  # type: ignore[no-any-return]
+            except (RuntimeError, ValueError, OSError) as e:
+                raise PackError(str(e)) from e
         console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")
         try:
             prep = prepare(req.model, tmp / "prep")

@@ -31,6 +31,16 @@ class TargetProfile(BaseModel):
     batch_profile: dict[str, int] | None = None
     unsupported_ops: list[str] = Field(default_factory=list)
     unsupported_source: str = ""
+    artifacts: list[Literal["onnx", "tflite"]] = Field(default_factory=list)  # all it can ship; first = default
+    int8_io: bool = False  # full-integer including the model's inputs and outputs (NPUs)
+    allowed_ops: list[str] = Field(default_factory=list)  # TFLite builtin ops the accelerator runs
+    allowed_source: str = ""
+    max_rank: int = 0
+    delegate_hint: str | None = None  # the external delegate library devices of this class load
+
+    @property
+    def all_artifacts(self) -> list[str]:
+        return list(self.artifacts) or [self.artifact]
 
     def unsupported(self, ops: dict[str, int]) -> list[str]:
         """Ops of a model (op histogram) that this target cannot run."""

@@ -1,0 +1,194 @@
+"""`edgert pack` for TFLite artifacts (arm64-cpu with XNNPACK, npu): full-integer INT8 through
+TensorFlow's TFLiteConverter, with the same calibration reader, preprocessing, comparison, gate
+and report as the ONNX path.
+
+    source .keras / SavedModel dir  -> TFLiteConverter (float and INT8)          [tool env]
+    source .onnx                    -> onnx2tf (SavedModel, NHWC, batch 1) -> same [tool env]
+    fp32 reference                  -> ONNX Runtime on the ONNX model, or LiteRT on the float TFLite
+    candidate                       -> LiteRT (the device's own backend code) on the INT8 TFLite
+    npu                             -> int8 inputs/outputs, then every node checked: integer only,
+                                       ops on the accelerator's list, static shapes, ranks
+
+TensorFlow runs in the isolated tool environment (toolenv.py), never in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from edge_runtime.backends import BackendOptions, create_backend
+from edge_runtime.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
+from edge_runtime.pack import toolenv
+from edge_runtime.pack.datasets import Sample, load_samples
+from edge_runtime.pack.report import render_report
+from edge_runtime.pack.targets import TargetProfile
+from edge_runtime.pack.tflite_inspect import describe, npu_problems
+from edge_runtime.pack.validate import compare, run_all, session
+
+CONVERTER = Path(__file__).with_name("tflite_convert.py")
+
+
+def source_kind(path: Path) -> str:
+    if path.is_dir() and (path / "saved_model.pb").exists():
+        return "saved_model"
+    if path.suffix == ".keras":
+        return "keras"
+    if path.suffix == ".onnx":
+        return "onnx"
+    raise ValueError(f"{path}: expected an .onnx or .keras file or a SavedModel directory (with saved_model.pb)")
+
+
+def _run_tool(request: dict[str, Any], tmp: Path, console: Console) -> dict[str, Any]:
+    py = toolenv.ensure(lambda m: console.log(m))
+    req_file = tmp / f"request-{time.monotonic_ns()}.json"
+    req_file.write_text(json.dumps(request))
+    proc = subprocess.run([str(py), str(CONVERTER), str(req_file)], capture_output=True, text=True, cwd=tmp,
+                          env=toolenv.offline_env(), timeout=1800)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"TFLite conversion failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _nhwc(samples: list[Sample], to_nhwc: set[str]) -> list[Sample]:
+    return [Sample({k: (v.transpose(0, 2, 3, 1) if k in to_nhwc else v) for k, v in s.feeds.items()}, s.source,
+                   s.label) for s in samples]  # fmt: skip
+
+
+def _litert_outputs(content: bytes, samples: list[Sample], names: list[str]) -> list[list[np.ndarray]]:
+    backend = create_backend("litert", content, BackendOptions(threads=1))
+    try:
+        return [backend.run({n: s.feeds[n] for n in names}) for s in samples]
+    finally:
+        backend.close()
+
+
+def _latency(content: bytes, samples: list[Sample], names: list[str], runs: int = 50) -> float:
+    backend = create_backend("litert", content, BackendOptions(threads=1))
+    try:
+        feeds = {n: samples[0].feeds[n] for n in names}
+        for _ in range(5):
+            backend.run(feeds)
+        t = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            backend.run(feeds)
+            t.append((time.perf_counter() - t0) * 1000)
+        return float(np.median(t))
+    finally:
+        backend.close()
+
+
+def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> Any:
+    from edge_runtime.pack.pipeline import PackError, PackResult, _digest, batching_of
+
+    kind = source_kind(req.model)
+    if req.precision != "int8":
+        raise PackError(f"target {profile.name} with TFLite builds full-integer INT8 only (got --precision {req.precision})")
+    preprocess: PreprocessSpec | None = req.preprocess
+    to_nhwc: set[str] = set()
+    if kind == "onnx":
+        from edge_runtime.pack.prepare import PrepareError, prepare
+
+        try:
+            prep = prepare(req.model, tmp / "prep")
+        except PrepareError as e:
+            raise PackError(str(e)) from e
+        source_specs = prep.inputs
+        output_names = [o.name for o in prep.outputs]
+        to_nhwc = {s.name for s in source_specs if len(s.shape) == 4}
+        tool_source = prep.path
+    else:
+        probe = _run_tool({"kind": kind, "source": str(req.model), "workdir": str(tmp), "probe": True}, tmp, console)
+        source_specs = [TensorSpec(name=i["name"], dtype=i["dtype"], shape=["N", *i["shape"][1:]])
+                        for i in probe["inputs"]]  # fmt: skip
+        output_names = []
+        tool_source = req.model
+
+    calib = load_samples(req.calib, source_specs, preprocess, req.max_calib)
+    evals = load_samples(req.eval, source_specs, preprocess, req.max_eval)
+    shared = _digest(calib) & _digest(evals)
+    if shared:
+        raise PackError(f"the evaluation set shares {len(shared)} samples with the calibration set")
+    calib_t, evals_t = _nhwc(calib, to_nhwc), _nhwc(evals, to_nhwc)
+    np.savez(tmp / "calib.npz", **{k: np.concatenate([s.feeds[k] for s in calib_t]) for k in calib_t[0].feeds})
+    console.log(f"calibration: {len(calib)} samples; evaluation: {len(evals)}; converting {kind} with TensorFlow "
+                f"in {toolenv.env_path()} (network off)")  # fmt: skip
+    t0 = time.perf_counter()
+    info = _run_tool({"kind": kind, "source": str(tool_source), "workdir": str(tmp), "calib": str(tmp / "calib.npz"),
+                      "int8_io": profile.int8_io, "out_int8": str(tmp / "int8.tflite"),
+                      "out_float": str(tmp / "float.tflite")}, tmp, console)  # fmt: skip
+    convert_s = time.perf_counter() - t0
+    int8, flt = (tmp / "int8.tflite").read_bytes(), (tmp / "float.tflite").read_bytes()
+    order = [i["name"] for i in info["inputs"]]
+    names = info["input_order"]
+    if len(order) != len(names):
+        raise PackError(f"converted model has inputs {order}, the source {names}")
+
+    # Reference: the fp32 original (ONNX Runtime on the ONNX model; the float TFLite otherwise).
+    if kind == "onnx":
+        reference = run_all(session(prep.path), evals, output_names)
+    else:
+        reference = _litert_outputs(flt, evals_t, names)
+        output_names = [o["name"] for o in info["outputs"]]
+    candidate = _litert_outputs(int8, evals_t, names)
+    for i, (r, c) in enumerate(zip(reference[0], candidate[0], strict=False)):
+        if r.ndim == 4 and c.shape == r.transpose(0, 2, 3, 1).shape and c.shape != r.shape:
+            candidate = [[*o[:i], o[i].transpose(0, 3, 1, 2), *o[i + 1 :]] for o in candidate]  # NHWC back
+    report = compare(reference, candidate, output_names, evals, req.labels)
+    failures = req.gate.check(report)
+    desc = describe(int8)
+    report["gate"] = {**req.gate.__dict__, "passed": not failures, "failures": failures}
+    report["recovery"] = {"attempts": [{"op_types": "all", "kept_float": [], "failures": failures}],
+                          "kept_float": [], "op_types": "all (full integer)"}  # fmt: skip
+    report["validated_with"] = "LiteRT (the device backend), XNNPACK, 1 thread"
+    report["size"] = {"reference_bytes": len(flt), "candidate_bytes": len(int8), "ratio": len(flt) / len(int8),
+                      "source_bytes": req.model.stat().st_size if req.model.is_file() else None}  # fmt: skip
+    report["conversion"] = {"tool": kind if kind != "onnx" else "onnx2tf + TFLiteConverter", "seconds": convert_s,
+                            "ops": desc["op_histogram"]}  # fmt: skip
+    problems = npu_problems(desc, profile) if profile.name == "npu" else []
+    report["npu"] = {"problems": problems} if profile.name == "npu" else None
+    if problems:
+        raise PackError(f"target npu refuses this model ({len(problems)} problems; it would fall back to the "
+                        "CPU):\n  " + "\n  ".join(problems[:40]), report)  # fmt: skip
+    if failures:
+        raise PackError("accuracy gate failed: " + "; ".join(failures) + " (no bundle written)", report)
+    report["latency_ms"] = {"reference": {"batch1": _latency(flt, evals_t, names)},
+                            "candidate": {"batch1": _latency(int8, evals_t, names)}}  # fmt: skip
+
+    tensors = desc["tensors"]
+    inputs = [TensorSpec(name=n, dtype="float32" if profile.int8_io else tensors[i]["dtype"],
+                         shape=tensors[i]["shape_signature"]) for n, i in zip(names, desc["inputs"], strict=True)]  # fmt: skip
+    outputs = [TensorSpec(name=n, dtype="float32" if profile.int8_io else tensors[i]["dtype"],
+                          shape=tensors[i]["shape_signature"]) for n, i in zip(output_names, desc["outputs"], strict=True)]  # fmt: skip
+    if preprocess is not None and to_nhwc:
+        preprocess = preprocess.model_copy(update={"layout": "nhwc"})
+    io_quant = {t["name"]: tensors[i]["quantization"] for t, i in
+                [(tensors[i], i) for i in desc["inputs"] + desc["outputs"]]}  # fmt: skip
+    batching = batching_of(inputs, outputs, req.stateful)
+    fields: dict[str, Any] = {
+        "name": req.name, "version": req.version, "target": profile.name, "runtime": "litert",
+        "model": "model.tflite", "inputs": [i.model_dump() for i in inputs], "outputs": [o.model_dump() for o in outputs],
+        "preprocess": preprocess.model_dump() if preprocess else None, "labels": req.labels, "precision": "int8",
+        "quantization": {"mode": "static", "precision": "int8", "format": "tflite full-integer", "int8_io": profile.int8_io,
+                         "io_quantization": io_quant, "calibration": "representative dataset", "ops": desc["op_histogram"]},
+        "validation": report,
+        "runtime_options": {"artifact": "tflite", "delegate_hint": profile.delegate_hint,
+                            "choice": f"LiteRT ({'external delegate, ' if profile.delegate_hint else ''}XNNPACK)"},
+        "batching": batching, "source_sha256": hashlib.sha256(req.model.read_bytes() if req.model.is_file() else b"").hexdigest(),
+        "key_id": "",
+    }  # fmt: skip
+    files = {"model.tflite": int8}
+    draft = BundleManifest.model_validate({**fields, "files": [], "created": "now"})
+    out = req.out or cwd / draft.filename
+    files["report.md"] = render_report(draft, report).encode()
+    manifest = write_bundle(out, fields, files, load_private_key(req.key))
+    console.log(f"wrote {out} ({out.stat().st_size} bytes, signed by key {manifest.key_id})")
+    return PackResult(out, manifest, report)

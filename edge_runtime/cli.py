@@ -104,12 +104,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
         max_calib=args.max_calib,
         max_eval=args.max_eval,
         stateful=args.stateful,
+        artifact=args.artifact,
     )
     try:
         result = pack(req, console)
     except PackError as e:
         if e.report:
-            console.print_json(data={k: e.report[k] for k in ("outputs", "accuracy", "gate") if k in e.report})
+            console.print_json(data={k: e.report[k] for k in ("outputs", "accuracy", "gate", "npu") if k in e.report})
         return fail(f"edgert pack: {e}")
     except (ValueError, OSError, BundleError) as e:
         return fail(f"edgert pack: {e}")
@@ -132,6 +133,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.suffix == ".onnx":
         return _inspect_onnx(path, args.json)
+    if path.suffix == ".tflite":
+        return _inspect_tflite(path, args.json)
     verified = False
     try:
         if args.key:
@@ -153,6 +156,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not verified:
         console.print("[yellow]signature NOT verified (pass --key PUB to verify)[/yellow]")
     print(report or json.dumps(manifest.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _inspect_tflite(path: Path, as_json: bool) -> int:
+    from edge_runtime.pack.targets import get_target
+    from edge_runtime.pack.tflite_inspect import describe, npu_problems, render
+
+    try:
+        desc = describe(path.read_bytes())
+    except (ValueError, RuntimeError, OSError) as e:
+        return fail(f"edgert inspect: {path} is not a TFLite model LiteRT can read: {e}")
+    problems = npu_problems(desc, get_target("npu"))
+    if as_json:
+        print(json.dumps({**desc, "tensors": list(desc["tensors"].values()), "npu_problems": problems}, indent=1))
+        return 0
+    print(render(desc))
+    print(f"npu profile: {'ok' if not problems else f'{len(problems)} problems'}")
+    for line in problems[:20]:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from edge_runtime.pack import toolenv
+
+    if args.tools_command == "path":
+        print(toolenv.env_path())
+        return 0 if toolenv.ready() else 1
+    try:
+        print(toolenv.ensure(lambda m: console.print(m, markup=False)))
+    except toolenv.ToolEnvError as e:
+        return fail(str(e))
     return 0
 
 
@@ -323,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pk = sub.add_parser("pack", help="quantize, validate, gate, sign and bundle a model")
     pk.add_argument("model")
-    pk.add_argument("--target", required=True, help="x86-cpu | arm64-cpu | jetson-gpu")
+    pk.add_argument("--target", required=True, help="x86-cpu | arm64-cpu | jetson-gpu | npu")
+    pk.add_argument("--artifact", choices=["onnx", "tflite"], help="arm64-cpu: onnx (default) or tflite")
     pk.add_argument("--calib", required=True, help="calibration data: images, .npy or .npz")
     pk.add_argument("--eval", required=True, help="held-out evaluation data (ImageFolder layout for labels)")
     pk.add_argument("--name", required=True)
@@ -421,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     dins.add_argument("image")
     dins.add_argument("--root", required=True, help="target root file system, e.g. a mounted image")
     dins.set_defaults(func=cmd_device_install)
+
+    tools = sub.add_parser("tools", help="the isolated TFLite converter environment (TensorFlow, onnx2tf)")
+    tsub = tools.add_subparsers(dest="tools_command", required=True)
+    tsub.add_parser("install", help="create it now (from PyPI); pack creates it on first use otherwise")
+    tsub.add_parser("path", help="print where it lives; exit 1 when it is not there yet")
+    tools.set_defaults(func=cmd_tools)
 
     from edge_runtime.fleet.cli import add_parser as add_fleet_parser
 

@@ -36,23 +36,49 @@ class LiteRTBackend:
             model_content=model, num_threads=options.threads or None, experimental_delegates=delegates or None
         )
         self._interp.allocate_tensors()
-        self._inputs = {d["name"]: d for d in self._interp.get_input_details()}
+        self._order = self._interp.get_input_details()
+        self._inputs = {d["name"]: d for d in self._order}
         self._outputs = self._interp.get_output_details()
         self._shapes: dict[str, tuple[int, ...]] = {n: tuple(d["shape"]) for n, d in self._inputs.items()}
 
+    def _detail(self, name: str, position: int) -> dict[str, Any]:
+        # The manifest names inputs as the source model did (``x``); converters rename the
+        # tensors (``serving_default_x:0``). The manifest lists them in the interpreter's order.
+        d = self._inputs.get(name)
+        return d if d is not None else self._order[position]
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         resized = False
-        for name, arr in feeds.items():
-            if tuple(arr.shape) != self._shapes[name]:
-                self._interp.resize_tensor_input(self._inputs[name]["index"], list(arr.shape))
-                self._shapes[name] = tuple(arr.shape)
+        details = [self._detail(name, i) for i, name in enumerate(feeds)]
+        for d, arr in zip(details, feeds.values(), strict=True):
+            if tuple(arr.shape) != self._shapes[d["name"]]:
+                self._interp.resize_tensor_input(d["index"], list(arr.shape))
+                self._shapes[d["name"]] = tuple(arr.shape)
                 resized = True
         if resized:
             self._interp.allocate_tensors()
-        for name, arr in feeds.items():
-            self._interp.set_tensor(self._inputs[name]["index"], arr)
+        for d, arr in zip(details, feeds.values(), strict=True):
+            self._interp.set_tensor(d["index"], _quantize(arr, d))
         self._interp.invoke()
-        return [np.array(self._interp.get_tensor(o["index"])) for o in self._outputs]
+        return [_dequantize(np.array(self._interp.get_tensor(o["index"])), o) for o in self._outputs]
 
     def close(self) -> None:
         del self._interp
+
+
+def _quantize(arr: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """Full-integer models (NPU profile) take int8/uint8 inputs: float frames are quantized with
+    the input tensor's own scale and zero point, as the CPU side of an NPU pipeline does."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail["quantization"]
+    if dtype.kind in "iu" and arr.dtype.kind == "f" and scale:
+        info = np.iinfo(dtype)
+        return np.clip(np.round(arr / scale + zero), info.min, info.max).astype(dtype)
+    return arr
+
+
+def _dequantize(arr: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if arr.dtype.kind in "iu" and scale:
+        return ((arr.astype(np.float32) - zero) * scale).astype(np.float32)
+    return arr

@@ -122,7 +122,8 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
             from edge_runtime.pack.tflite_pack import pack_tflite
 
             try:
-                return pack_tflite(req, profile, tmp, console, Path(cwd))  # type: ignore[no-any-return]
+                result: PackResult = pack_tflite(req, profile, tmp, console, Path(cwd))
+                return result
             except (RuntimeError, ValueError, OSError) as e:
                 raise PackError(str(e)) from e
         console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")

@@ -17,6 +17,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _local_sample(calib: dict[str, Any], workdir: Path) -> None:
+    """onnx2tf feeds 20 sample images (128x128 RGB in [0, 1]) through the ONNX model and its own
+    conversion to check them against each other, and downloads them from GitHub unless this file
+    is in its working directory. It gets our own calibration images instead: nothing is fetched."""
+    import numpy as np
+
+    images = next((a for a in calib.values() if a.ndim == 4 and a.shape[-1] == 3), None)
+    if images is None:
+        images = np.random.default_rng(0).uniform(0, 1, (20, 128, 128, 3))
+    idx = np.arange(20) % len(images)
+    h, w = images.shape[1:3]
+    rows, cols = (np.arange(128) * h // 128), (np.arange(128) * w // 128)
+    picked = images[idx][:, rows][:, :, cols].astype(np.float64)
+    lo, hi = picked.min(), picked.max()
+    np.save(workdir / SAMPLE, ((picked - lo) / (hi - lo or 1.0)).astype(np.float32))
+
 
 def _saved_model_from_onnx(source: Path, workdir: Path) -> tuple[Path, str]:
     out = workdir / "saved_model"
@@ -31,22 +50,33 @@ def _saved_model_from_onnx(source: Path, workdir: Path) -> tuple[Path, str]:
     return out, (proc.stdout + proc.stderr)[-1500:]
 
 
-def _converter(kind: str, source: Path, tf: Any) -> tuple[Any, list[str]]:
-    if kind == "keras":
-        import keras
+def _keras_to_saved_model(source: Path, workdir: Path, tf: Any) -> Path:
+    """A Keras model as a SavedModel with one static-batch-1 signature (NPUs and XNNPACK want
+    static shapes; TFLite's calibrator cannot feed Keras 3 resource variables directly)."""
+    import keras
 
-        model = keras.models.load_model(source, safe_mode=True)  # no Lambda/pickled code is ever run
-        specs = [tf.TensorSpec([1, *i.shape[1:]], i.dtype, name=i.name.split(":")[0]) for i in model.inputs]
+    model = keras.models.load_model(source, safe_mode=True)  # no Lambda/pickled code is ever run
+    specs = [tf.TensorSpec([1, *i.shape[1:]], i.dtype, name=i.name.split(":")[0]) for i in model.inputs]
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    if len(specs) == 1:
+        archive.add_endpoint("serving_default", lambda x: model(x, training=False), input_signature=specs)
+    else:
+        archive.add_endpoint("serving_default", lambda *xs: model(list(xs), training=False), input_signature=specs)
+    out = workdir / "keras_saved_model"
+    archive.write_out(str(out), verbose=False)
+    return out
 
-        @tf.function(input_signature=specs)
-        def serve(*xs: Any) -> Any:
-            return model(list(xs) if len(xs) > 1 else xs[0], training=False)
 
-        fn = serve.get_concrete_function()
-        return tf.lite.TFLiteConverter.from_concrete_functions([fn], model), [s.name for s in specs]
-    loaded = tf.saved_model.load(str(source))
-    sig = loaded.signatures["serving_default"]
-    names = list(sig.structured_input_signature[1].keys())
+def _signature_inputs(source: Path, tf: Any) -> list[tuple[str, list[int], str]]:
+    sig = tf.saved_model.load(str(source)).signatures["serving_default"]
+    return [
+        (k, [d or -1 for d in v.shape.as_list()], v.dtype.name) for k, v in sig.structured_input_signature[1].items()
+    ]
+
+
+def _converter(source: Path, tf: Any) -> tuple[Any, list[str]]:
+    names = [n for n, _, _ in _signature_inputs(source, tf)]
     return tf.lite.TFLiteConverter.from_saved_model(str(source)), names
 
 
@@ -54,8 +84,12 @@ def _details(content: bytes, tf: Any) -> dict[str, Any]:
     it = tf.lite.Interpreter(model_content=content)
 
     def d(x: dict[str, Any]) -> dict[str, Any]:
-        return {"name": x["name"], "shape": [int(v) for v in x["shape_signature"]], "dtype": x["dtype"].__name__,
-                "quantization": [float(x["quantization"][0]), int(x["quantization"][1])]}  # fmt: skip
+        return {
+            "name": x["name"],
+            "shape": [int(v) for v in x["shape_signature"]],
+            "dtype": x["dtype"].__name__,
+            "quantization": [float(x["quantization"][0]), int(x["quantization"][1])],
+        }
 
     return {"inputs": [d(x) for x in it.get_input_details()], "outputs": [d(x) for x in it.get_output_details()]}
 
@@ -68,28 +102,22 @@ def main() -> None:
     source, workdir = Path(req["source"]), Path(req["workdir"])
     log = ""
     kind = req["kind"]
+    if kind == "keras":
+        source, kind = _keras_to_saved_model(source, workdir, tf), "saved_model"
     if req.get("probe"):  # the source's inputs, to load calibration data for them
-        if kind == "keras":
-            import keras
-
-            model = keras.models.load_model(source, safe_mode=True)
-            inputs = [{"name": i.name.split(":")[0], "shape": [d or -1 for d in i.shape], "dtype": i.dtype}
-                      for i in model.inputs]  # fmt: skip
-        else:
-            sig = tf.saved_model.load(str(source)).signatures["serving_default"]
-            inputs = [{"name": k, "shape": [d or -1 for d in v.shape.as_list()], "dtype": v.dtype.name}
-                      for k, v in sig.structured_input_signature[1].items()]  # fmt: skip
+        inputs = [{"name": n, "shape": shape, "dtype": dtype} for n, shape, dtype in _signature_inputs(source, tf)]
         print(json.dumps({"inputs": inputs}))
         return
+    calib = dict(np.load(req["calib"], allow_pickle=False))
     if kind == "onnx":
+        _local_sample(calib, workdir)
         source, log = _saved_model_from_onnx(source, workdir)
         kind = "saved_model"
-    calib = dict(np.load(req["calib"], allow_pickle=False))
 
-    conv, names = _converter(kind, source, tf)
+    conv, names = _converter(source, tf)
     Path(req["out_float"]).write_bytes(conv.convert())
 
-    conv, names = _converter(kind, source, tf)
+    conv, names = _converter(source, tf)
     missing = [n for n in names if n not in calib]
     if missing:
         raise SystemExit(f"calibration data has no arrays for inputs {missing} (has {sorted(calib)})")
@@ -97,10 +125,7 @@ def main() -> None:
 
     def representative() -> Any:
         for i in range(n):
-            if kind == "keras":
-                yield [calib[k][i : i + 1] for k in names]
-            else:
-                yield {k: calib[k][i : i + 1] for k in names}
+            yield {k: calib[k][i : i + 1] for k in names}
 
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = representative

@@ -55,13 +55,21 @@ def npu_problems(desc: dict[str, Any], profile: TargetProfile) -> list[str]:
     tensors = desc["tensors"]
     problems: list[str] = []
     allowed = set(profile.allowed_ops)
+    off_list: dict[str, list[str]] = {}
+    in_float: dict[str, list[str]] = {}
     for op in desc["ops"]:
-        where = f"node {op['index']} {op['op']} (-> {', '.join(tensors[i]['name'] for i in op['outputs'])})"
+        where = f"{op['index']} ({', '.join(tensors[i]['name'] for i in op['outputs'])[:80]})"
         if allowed and op["op"] not in allowed:
-            problems.append(f"{where}: op {op['op']} is not supported by the accelerator ({profile.allowed_source})")
+            off_list.setdefault(op["op"], []).append(where)
         floats = sorted({tensors[i]["dtype"] for i in op["inputs"] + op["outputs"] if tensors[i]["dtype"] in FLOAT})
         if floats:
-            problems.append(f"{where}: computes in {'/'.join(floats)}; the NPU takes only integer tensors")
+            in_float.setdefault(f"{op['op']} in {'/'.join(floats)}", []).append(where)
+    for name, nodes in off_list.items():
+        problems.append(f"op {name} is not supported by the accelerator ({profile.allowed_source}): "
+                        f"{len(nodes)} nodes: {'; '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}")  # fmt: skip
+    for what, nodes in in_float.items():
+        problems.append(f"float op {what} (the NPU takes only integer tensors): {len(nodes)} nodes: "
+                        f"{'; '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}")  # fmt: skip
     for idx in desc["inputs"] + desc["outputs"]:
         t = tensors[idx]
         if t["dtype"] not in ("int8", "uint8"):

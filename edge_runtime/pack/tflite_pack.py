@@ -14,6 +14,7 @@ TensorFlow runs in the isolated tool environment (toolenv.py), never in this pro
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import subprocess
@@ -50,16 +51,25 @@ def _run_tool(request: dict[str, Any], tmp: Path, console: Console) -> dict[str,
     py = toolenv.ensure(lambda m: console.log(m))
     req_file = tmp / f"request-{time.monotonic_ns()}.json"
     req_file.write_text(json.dumps(request))
-    proc = subprocess.run([str(py), str(CONVERTER), str(req_file)], capture_output=True, text=True, cwd=tmp,
-                          env=toolenv.offline_env(), timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [str(py), str(CONVERTER), str(req_file)],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env=toolenv.offline_env(),
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"TFLite conversion failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _nhwc(samples: list[Sample], to_nhwc: set[str]) -> list[Sample]:
-    return [Sample({k: (v.transpose(0, 2, 3, 1) if k in to_nhwc else v) for k, v in s.feeds.items()}, s.source,
-                   s.label) for s in samples]  # fmt: skip
+    return [
+        Sample({k: (v.transpose(0, 2, 3, 1) if k in to_nhwc else v) for k, v in s.feeds.items()}, s.source, s.label)
+        for s in samples
+    ]
 
 
 def _litert_outputs(content: bytes, samples: list[Sample], names: list[str]) -> list[list[np.ndarray]]:
@@ -70,7 +80,7 @@ def _litert_outputs(content: bytes, samples: list[Sample], names: list[str]) -> 
         backend.close()
 
 
-def _latency(content: bytes, samples: list[Sample], names: list[str], runs: int = 50) -> float:
+def _latency(content: bytes, samples: list[Sample], names: list[str], runs: int = 50) -> dict[str, float]:
     backend = create_backend("litert", content, BackendOptions(threads=1))
     try:
         feeds = {n: samples[0].feeds[n] for n in names}
@@ -81,7 +91,7 @@ def _latency(content: bytes, samples: list[Sample], names: list[str], runs: int 
             t0 = time.perf_counter()
             backend.run(feeds)
             t.append((time.perf_counter() - t0) * 1000)
-        return float(np.median(t))
+        return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90))}
     finally:
         backend.close()
 
@@ -91,7 +101,9 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
 
     kind = source_kind(req.model)
     if req.precision != "int8":
-        raise PackError(f"target {profile.name} with TFLite builds full-integer INT8 only (got --precision {req.precision})")
+        raise PackError(
+            f"target {profile.name} with TFLite builds full-integer INT8 only (got --precision {req.precision})"
+        )
     preprocess: PreprocessSpec | None = req.preprocess
     to_nhwc: set[str] = set()
     if kind == "onnx":
@@ -107,8 +119,9 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
         tool_source = prep.path
     else:
         probe = _run_tool({"kind": kind, "source": str(req.model), "workdir": str(tmp), "probe": True}, tmp, console)
-        source_specs = [TensorSpec(name=i["name"], dtype=i["dtype"], shape=["N", *i["shape"][1:]])
-                        for i in probe["inputs"]]  # fmt: skip
+        source_specs = [
+            TensorSpec(name=i["name"], dtype=i["dtype"], shape=["N", *i["shape"][1:]]) for i in probe["inputs"]
+        ]
         output_names = []
         tool_source = req.model
 
@@ -118,13 +131,26 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
     if shared:
         raise PackError(f"the evaluation set shares {len(shared)} samples with the calibration set")
     calib_t, evals_t = _nhwc(calib, to_nhwc), _nhwc(evals, to_nhwc)
-    np.savez(tmp / "calib.npz", **{k: np.concatenate([s.feeds[k] for s in calib_t]) for k in calib_t[0].feeds})
-    console.log(f"calibration: {len(calib)} samples; evaluation: {len(evals)}; converting {kind} with TensorFlow "
-                f"in {toolenv.env_path()} (network off)")  # fmt: skip
+    stacked = {k: np.concatenate([s.feeds[k] for s in calib_t]) for k in calib_t[0].feeds}
+    np.savez(tmp / "calib.npz", **stacked)  # type: ignore[arg-type]
+    console.log(
+        f"calibration: {len(calib)} samples; evaluation: {len(evals)}; converting {kind} with TensorFlow "
+        f"in {toolenv.env_path()} (network off)"
+    )
     t0 = time.perf_counter()
-    info = _run_tool({"kind": kind, "source": str(tool_source), "workdir": str(tmp), "calib": str(tmp / "calib.npz"),
-                      "int8_io": profile.int8_io, "out_int8": str(tmp / "int8.tflite"),
-                      "out_float": str(tmp / "float.tflite")}, tmp, console)  # fmt: skip
+    info = _run_tool(
+        {
+            "kind": kind,
+            "source": str(tool_source),
+            "workdir": str(tmp),
+            "calib": str(tmp / "calib.npz"),
+            "int8_io": profile.int8_io,
+            "out_int8": str(tmp / "int8.tflite"),
+            "out_float": str(tmp / "float.tflite"),
+        },
+        tmp,
+        console,
+    )
     convert_s = time.perf_counter() - t0
     int8, flt = (tmp / "int8.tflite").read_bytes(), (tmp / "float.tflite").read_bytes()
     order = [i["name"] for i in info["inputs"]]
@@ -146,45 +172,91 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
     failures = req.gate.check(report)
     desc = describe(int8)
     report["gate"] = {**req.gate.__dict__, "passed": not failures, "failures": failures}
-    report["recovery"] = {"attempts": [{"op_types": "all", "kept_float": [], "failures": failures}],
-                          "kept_float": [], "op_types": "all (full integer)"}  # fmt: skip
+    report["recovery"] = {
+        "attempts": [{"op_types": "all", "kept_float": [], "failures": failures}],
+        "kept_float": [],
+        "op_types": [],
+    }
     report["validated_with"] = "LiteRT (the device backend), XNNPACK, 1 thread"
-    report["size"] = {"reference_bytes": len(flt), "candidate_bytes": len(int8), "ratio": len(flt) / len(int8),
-                      "source_bytes": req.model.stat().st_size if req.model.is_file() else None}  # fmt: skip
-    report["conversion"] = {"tool": kind if kind != "onnx" else "onnx2tf + TFLiteConverter", "seconds": convert_s,
-                            "ops": desc["op_histogram"]}  # fmt: skip
+    report["size"] = {
+        "reference_bytes": len(flt),
+        "candidate_bytes": len(int8),
+        "ratio": len(flt) / len(int8),
+        "source_bytes": req.model.stat().st_size if req.model.is_file() else None,
+        "reference_gzip_bytes": len(gzip.compress(flt, 6)),
+        "candidate_gzip_bytes": len(gzip.compress(int8, 6)),
+    }
+    report["conversion"] = {
+        "tool": kind if kind != "onnx" else "onnx2tf + TFLiteConverter",
+        "seconds": convert_s,
+        "ops": desc["op_histogram"],
+    }
     problems = npu_problems(desc, profile) if profile.name == "npu" else []
     report["npu"] = {"problems": problems} if profile.name == "npu" else None
     if problems:
-        raise PackError(f"target npu refuses this model ({len(problems)} problems; it would fall back to the "
-                        "CPU):\n  " + "\n  ".join(problems[:40]), report)  # fmt: skip
+        raise PackError(
+            f"target npu refuses this model ({len(problems)} problems; it would fall back to the "
+            "CPU):\n  " + "\n  ".join(problems[:40]),
+            report,
+        )
     if failures:
         raise PackError("accuracy gate failed: " + "; ".join(failures) + " (no bundle written)", report)
-    report["latency_ms"] = {"reference": {"batch1": _latency(flt, evals_t, names)},
-                            "candidate": {"batch1": _latency(int8, evals_t, names)}}  # fmt: skip
+    report["size"]["gzip_ratio"] = report["size"]["reference_gzip_bytes"] / report["size"]["candidate_gzip_bytes"]
+    report["latency_ms"] = {  # LiteRT, static batch 1
+        "reference": {"batch1": _latency(flt, evals_t, names), "batch8": None},
+        "candidate": {"batch1": _latency(int8, evals_t, names), "batch8": None},
+    }
 
+    source_sha = hashlib.sha256(req.model.read_bytes() if req.model.is_file() else b"").hexdigest()
     tensors = desc["tensors"]
-    inputs = [TensorSpec(name=n, dtype="float32" if profile.int8_io else tensors[i]["dtype"],
-                         shape=tensors[i]["shape_signature"]) for n, i in zip(names, desc["inputs"], strict=True)]  # fmt: skip
-    outputs = [TensorSpec(name=n, dtype="float32" if profile.int8_io else tensors[i]["dtype"],
-                          shape=tensors[i]["shape_signature"]) for n, i in zip(output_names, desc["outputs"], strict=True)]  # fmt: skip
+    inputs = [
+        TensorSpec(
+            name=n, dtype="float32" if profile.int8_io else tensors[i]["dtype"], shape=tensors[i]["shape_signature"]
+        )
+        for n, i in zip(names, desc["inputs"], strict=True)
+    ]
+    outputs = [
+        TensorSpec(
+            name=n, dtype="float32" if profile.int8_io else tensors[i]["dtype"], shape=tensors[i]["shape_signature"]
+        )
+        for n, i in zip(output_names, desc["outputs"], strict=True)
+    ]
     if preprocess is not None and to_nhwc:
         preprocess = preprocess.model_copy(update={"layout": "nhwc"})
-    io_quant = {t["name"]: tensors[i]["quantization"] for t, i in
-                [(tensors[i], i) for i in desc["inputs"] + desc["outputs"]]}  # fmt: skip
+    io_quant = {
+        t["name"]: tensors[i]["quantization"] for t, i in [(tensors[i], i) for i in desc["inputs"] + desc["outputs"]]
+    }
     batching = batching_of(inputs, outputs, req.stateful)
     fields: dict[str, Any] = {
-        "name": req.name, "version": req.version, "target": profile.name, "runtime": "litert",
-        "model": "model.tflite", "inputs": [i.model_dump() for i in inputs], "outputs": [o.model_dump() for o in outputs],
-        "preprocess": preprocess.model_dump() if preprocess else None, "labels": req.labels, "precision": "int8",
-        "quantization": {"mode": "static", "precision": "int8", "format": "tflite full-integer", "int8_io": profile.int8_io,
-                         "io_quantization": io_quant, "calibration": "representative dataset", "ops": desc["op_histogram"]},
+        "name": req.name,
+        "version": req.version,
+        "target": profile.name,
+        "runtime": "litert",
+        "model": "model.tflite",
+        "inputs": [i.model_dump() for i in inputs],
+        "outputs": [o.model_dump() for o in outputs],
+        "preprocess": preprocess.model_dump() if preprocess else None,
+        "labels": req.labels,
+        "precision": "int8",
+        "quantization": {
+            "mode": "static",
+            "precision": "int8",
+            "format": "tflite full-integer",
+            "int8_io": profile.int8_io,
+            "io_quantization": io_quant,
+            "calibration": "representative dataset",
+            "ops": desc["op_histogram"],
+        },
         "validation": report,
-        "runtime_options": {"artifact": "tflite", "delegate_hint": profile.delegate_hint,
-                            "choice": f"LiteRT ({'external delegate, ' if profile.delegate_hint else ''}XNNPACK)"},
-        "batching": batching, "source_sha256": hashlib.sha256(req.model.read_bytes() if req.model.is_file() else b"").hexdigest(),
+        "runtime_options": {
+            "artifact": "tflite",
+            "delegate_hint": profile.delegate_hint,
+            "choice": f"LiteRT ({'external delegate, ' if profile.delegate_hint else ''}XNNPACK)",
+        },
+        "batching": batching,
+        "source_sha256": source_sha,
         "key_id": "",
-    }  # fmt: skip
+    }
     files = {"model.tflite": int8}
     draft = BundleManifest.model_validate({**fields, "files": [], "created": "now"})
     out = req.out or cwd / draft.filename

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import venv
+from collections.abc import Callable
 from pathlib import Path
 
 ONNX2TF = "onnx2tf==1.29.24"
@@ -48,7 +49,7 @@ def ready() -> bool:
     return stamp.exists() and json.loads(stamp.read_text()).get("packages") == [ONNX2TF, *EXTRA]
 
 
-def ensure(log: callable = print) -> Path:  # type: ignore[valid-type]
+def ensure(log: Callable[[str], object] = print) -> Path:
     """The tool env's python, creating the env if needed."""
     if ready():
         return python()

@@ -102,11 +102,15 @@ def main() -> None:
     source, workdir = Path(req["source"]), Path(req["workdir"])
     log = ""
     kind = req["kind"]
+    output_names: list[str] = []
     if kind == "keras":
+        import keras
+
+        output_names = list(keras.models.load_model(source, safe_mode=True).output_names)
         source, kind = _keras_to_saved_model(source, workdir, tf), "saved_model"
     if req.get("probe"):  # the source's inputs, to load calibration data for them
         inputs = [{"name": n, "shape": shape, "dtype": dtype} for n, shape, dtype in _signature_inputs(source, tf)]
-        print(json.dumps({"inputs": inputs}))
+        print(json.dumps({"inputs": inputs, "output_names": output_names}))
         return
     calib = dict(np.load(req["calib"], allow_pickle=False))
     if kind == "onnx":

@@ -122,7 +122,7 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
         source_specs = [
             TensorSpec(name=i["name"], dtype=i["dtype"], shape=["N", *i["shape"][1:]]) for i in probe["inputs"]
         ]
-        output_names = []
+        output_names = list(probe.get("output_names") or [])
         tool_source = req.model
 
     calib = load_samples(req.calib, source_specs, preprocess, req.max_calib)
@@ -163,7 +163,8 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
         reference = run_all(session(prep.path), evals, output_names)
     else:
         reference = _litert_outputs(flt, evals_t, names)
-        output_names = [o["name"] for o in info["outputs"]]
+        if len(output_names) != len(info["outputs"]):
+            output_names = [o["name"] for o in info["outputs"]]
     candidate = _litert_outputs(int8, evals_t, names)
     for i, (r, c) in enumerate(zip(reference[0], candidate[0], strict=False)):
         if r.ndim == 4 and c.shape == r.transpose(0, 2, 3, 1).shape and c.shape != r.shape:

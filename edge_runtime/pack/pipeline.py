@@ -245,7 +245,7 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
             "precision": req.precision,
             "quantization": {**settings.as_manifest(), "preparation": prep.notes, "ops": prep.ops},
             "validation": report,
-            "runtime_options": {"providers": profile.providers, "provider_options": profile.provider_options},
+            "runtime_options": {"providers": profile.providers, "provider_options": _provider_options(profile, req)},
             "batching": batching,
             "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
             "key_id": "",
@@ -276,3 +276,14 @@ def _progress(console: Console) -> Progress | None:
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def _provider_options(profile: Any, req: PackRequest) -> dict[str, dict[str, Any]]:
+    """The target's provider options for this artifact: TensorRT's INT8 mode only for a Q/DQ
+    INT8 graph (an FP16 variant without Q/DQ would make TensorRT ask for a calibration table)."""
+    options = {k: dict(v) for k, v in profile.provider_options.items()}
+    trt = options.get("TensorrtExecutionProvider")
+    if trt is not None and req.precision != "int8":
+        trt["trt_int8_enable"] = False
+        trt["trt_fp16_enable"] = req.precision == "fp16"
+    return options

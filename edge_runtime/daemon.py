@@ -33,7 +33,11 @@ class Daemon:
         self.config = config
         self.store = ModelStore(config.state_dir)
         self.runtime = Runtime(
-            self.trusted_keys(), threads=config.threads, batching=config.batching.settings(), spin=config.spin
+            self.trusted_keys(),
+            threads=config.threads,
+            batching=config.batching.settings(),
+            spin=config.spin,
+            delegate=str(config.delegate) if config.delegate else None,
         )
         self.hub = ResultHub()
         self.sources: list[FrameSource] = []

@@ -327,7 +327,9 @@ def test_blue_green_stages_warm_switches_together_and_switches_back(
     ctl = Ctl(broker, fleet, keys, tmp_path / "fleet.db")
     with Simulation(s, 6) as sim:
         try:
-            ctl.c.publish(fleet["v2"], ctl.trust)
+            # URL only (as from S3-compatible storage): no chunks on the broker.
+            info = ctl.c.publish(fleet["v2"], ctl.trust, url=fleet["v2"].as_uri(), chunks=False)
+            assert info["chunks"] == 0 and info["url"].startswith("file://")
             wait_for(lambda: sum(v.online for v in ctl.link.group("bg")) == 6, 30, "6 devices online")
             params = RolloutParams(min_devices=3, health_window=1.5, min_inferences=5, min_p95_increase_ms=5)
             rid = ctl.c.create("cls", "2.0.0", "bg", "blue-green", params)

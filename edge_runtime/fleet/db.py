@@ -22,8 +22,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (
     name TEXT NOT NULL, version TEXT NOT NULL, target TEXT NOT NULL, sha256 TEXT NOT NULL,
     ref TEXT NOT NULL, published REAL NOT NULL, PRIMARY KEY (name, version, target));
+CREATE TABLE IF NOT EXISTS seqs (scope TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS published (
-    scope TEXT PRIMARY KEY, seq INTEGER NOT NULL, message BLOB, ts REAL NOT NULL);
+    scope TEXT PRIMARY KEY, seq INTEGER NOT NULL, message BLOB NOT NULL, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version TEXT NOT NULL,
     from_version TEXT, grp TEXT NOT NULL, strategy TEXT NOT NULL, params TEXT NOT NULL,
@@ -94,26 +95,25 @@ class ControllerDB:
         """Grows per scope, and starts from the clock (ms): a new state file still beats what
         devices accepted from an older controller."""
         with self.tx() as db:
-            row = db.execute("SELECT seq FROM published WHERE scope=?", (scope,)).fetchone()
+            row = db.execute("SELECT seq FROM seqs WHERE scope=?", (scope,)).fetchone()
             seq = max((row[0] + 1) if row else 0, int(time.time() * 1000))
-            db.execute(
-                "INSERT INTO published (scope, seq, message, ts) VALUES (?, ?, NULL, ?) "
-                "ON CONFLICT(scope) DO UPDATE SET seq=excluded.seq",
-                (scope, seq, time.time()),
-            )
+            db.execute("INSERT OR REPLACE INTO seqs (scope, seq) VALUES (?, ?)", (scope, seq))
         return seq
 
     def record_message(self, scope: str, seq: int, message: bytes) -> None:
+        """The last signed message of a scope (kept only if no newer one was recorded meanwhile)."""
         with self.tx() as db:
             db.execute(
-                "UPDATE published SET message=?, ts=? WHERE scope=? AND seq=?", (message, time.time(), scope, seq)
+                "INSERT INTO published (scope, seq, message, ts) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(scope) DO UPDATE SET seq=excluded.seq, message=excluded.message, ts=excluded.ts "
+                "WHERE excluded.seq > published.seq",
+                (scope, seq, message, time.time()),
             )
 
     def messages(self, scopes: list[str]) -> list[tuple[str, int, bytes]]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT scope, seq, message FROM published WHERE message IS NOT NULL AND scope IN "
-                f"({','.join('?' * len(scopes))})",
+                f"SELECT scope, seq, message FROM published WHERE scope IN ({','.join('?' * len(scopes))})",
                 scopes,
             ).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]

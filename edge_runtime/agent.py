@@ -233,11 +233,14 @@ class Agent:
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.cfg.telemetry_interval_s):
-            models = {}
-            for h in self.runtime.models():
-                models[h.name] = {"version": h.current.version, **h.current.stats.snapshot()}
-            self.outbox.put("metrics", {"models": models, "outbox": self.outbox.stats()})
-            self.publish_state()
+            try:
+                models = {}
+                for h in self.runtime.models():
+                    models[h.name] = {"version": h.current.version, **h.current.stats.snapshot()}
+                self.outbox.put("metrics", {"models": models, "outbox": self.outbox.stats()})
+                self.publish_state()
+            except Exception:  # one bad snapshot must not end telemetry for good
+                log.exception("telemetry snapshot failed; trying again next period")
 
     def _send_loop(self) -> None:
         """Oldest first; a record is deleted only after its PUBACK; in order per device."""

@@ -100,8 +100,11 @@ class ModelStore:
         fsync_dir(self.models_dir / name)
 
     def pending(self, name: str) -> dict[str, str | None] | None:
-        p = self.models_dir / name / "pending.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        try:  # read, not exists-then-read: the updater may commit (delete it) in between
+            data: dict[str, str | None] = json.loads((self.models_dir / name / "pending.json").read_text())
+        except FileNotFoundError:
+            return None
+        return data
 
     def recover(self) -> list[dict[str, Any]]:
         """At start: an update interrupted before its health window passed is rolled back.

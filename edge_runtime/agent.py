@@ -391,14 +391,16 @@ class Agent:
         exp = spec.get("experiment")
         current = handle.experiment
         if isinstance(exp, dict):
-            kind, split = str(exp.get("kind", "")), float(exp.get("split", 0.0) or 0.0)
+            kind, split = str(exp.get("kind", "")), exp.get("split", 0.0) or 0.0
+            if kind not in ("shadow", "ab") or not isinstance(split, (int, float)) or not 0.0 <= split <= 1.0:
+                self._refuse_extra(name, exp, "experiment", f"needs kind shadow|ab and a split in [0, 1], got {exp}")
+                return
+            split = float(split)
             same = current is not None and (current.kind, current.version, current.served, current.split) == (
                 kind, exp.get("version"), handle.current.version, split if kind == "ab" else 0.0)  # fmt: skip
             if not same:
                 path = self._extra_bundle(name, exp, f"experiment-{kind}")
                 if path is not None:
-                    if kind not in ("shadow", "ab") or not 0.0 <= split <= 1.0:
-                        raise UpdateRefused(f"experiment needs kind shadow|ab and a split in [0, 1], got {exp}")
                     ended = self.runtime.stop_experiment(name)
                     if ended is not None:
                         self.event("experiment-ended", {"model": name, "figures": ended})
@@ -423,12 +425,21 @@ class Agent:
                 self.updater.stage(name, version, path, downgrade=True)
                 return self.store.bundle_path(name, version)
         except (UpdateRefused, ValueError) as e:
-            self.rejected.add(key)
-            log.error("%s %s %s refused: %s", what, name, version, e)
-            self.event(f"{what}-refused", {"model": name, "version": version, "reason": str(e)[:300]})
-            self._outcome(name, version, f"{what}-refused", str(e))
-            self.publish_state()
+            self._refuse_extra(name, spec, what, str(e))
         return None
+
+    def _refuse_extra(self, name: str, spec: dict[str, Any], what: str, reason: str) -> None:
+        """Refused once and remembered: not retried until the controller signs a new desired state."""
+        version = str(spec.get("version", ""))
+        ref_raw = spec.get("bundle")
+        key = (name, version, ref_raw.get("sha256", "") if isinstance(ref_raw, dict) else "")
+        if key in self.rejected:
+            return
+        self.rejected.add(key)
+        log.error("%s %s %s refused: %s", what, name, version, reason)
+        self.event(f"{what}-refused", {"model": name, "version": version, "reason": reason[:300]})
+        self._outcome(name, version, f"{what}-refused", reason)
+        self.publish_state()
 
     def _obtain(self, ref: BundleRef) -> Path | None:
         dest = self.updater.downloads / f"{ref.sha256}.edgepkg"

@@ -17,6 +17,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -128,8 +129,6 @@ class Experiment:
             stats.record_error(rows)
 
     def _shadow_loop(self) -> None:
-        import time
-
         while True:
             item = self._queue.get()
             if item is None:

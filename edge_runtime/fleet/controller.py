@@ -69,6 +69,11 @@ class RolloutParams:
     max_p95_ratio: float = 3.0
     min_p95_increase_ms: float = 0.5  # a p95 ratio counts only above this absolute increase
 
+    @classmethod
+    def stored(cls, params: dict[str, Any]) -> RolloutParams:
+        """The parameters as saved with a rollout (which also holds controller bookkeeping)."""
+        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+
     def validate(self, strategy: str) -> None:
         if strategy not in STRATEGIES:
             raise FleetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -200,7 +205,7 @@ class Controller:
         if r.status == "aborting":  # an abort that died half way: finish it
             self._revert(r, r.reason)
             return self.resolve(rid)
-        p = RolloutParams(**{k: v for k, v in r.params.items() if k in RolloutParams.__dataclass_fields__})
+        p = RolloutParams.stored(r.params)
         if r.strategy in ("canary", "staged"):
             self._step_staged(r, p)
         elif r.strategy == "blue-green":
@@ -371,7 +376,7 @@ class Controller:
                 f"rollout {r.id} is a {r.strategy} rollout in status {r.status}; only an observing "
                 "shadow or A/B rollout can be promoted"
             )
-        p = RolloutParams(**{k: v for k, v in r.params.items() if k in RolloutParams.__dataclass_fields__})
+        p = RolloutParams.stored(r.params)
         figures = self.experiment_figures(r)
         seq = self._set_group(r, self._spec(r, r.version, p))
         for v in self.link.group(r.group):

@@ -445,5 +445,19 @@ def test_forged_replayed_and_unauthorized_commands_are_ignored_by_every_device(
             assert serving(sim) == Counter({"1.0.0": 5})
             assert all(d.agent is not None and not d.agent.rejected for d in sim.devices)
             assert ref["version"] == "2.0.0"
+            # Signed but malformed: an experiment of an unknown kind is refused once, by name, and
+            # nothing is downloaded or loaded for it.
+            ctl.link.desired(
+                "group:sec",
+                {"cls": {"version": "1.0.0", "experiment": {"kind": "bogus", "version": "2.0.0", "bundle": bundle}}},
+            )
+            wait_for(lambda: all(((v.model("cls").get("outcome") or {}).get("outcome") == "experiment-refused")
+                                 for v in ctl.link.group("sec")), 20, "every device to refuse the experiment")  # fmt: skip
+            assert all(
+                "needs kind shadow|ab" in (ctl.link.view(d.id).model("cls")["outcome"]["reason"]) for d in sim.devices
+            )  # type: ignore[union-attr]
+            assert all(d.runtime.get("cls").experiment is None for d in sim.devices)  # type: ignore[union-attr]
+            assert not any((d.root / "downloads" / bundle["sha256"]).exists() for d in sim.devices)  # type: ignore[index]
+            assert serving(sim) == Counter({"1.0.0": 5})
         finally:
             ctl.close()

@@ -25,12 +25,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_runtime.agent import Agent, AgentConfig  # noqa: E402
-from edge_runtime.bundle import generate_keypair, load_private_key, load_public_keys, sha256_bytes, write_bundle  # noqa: E402
-from edge_runtime.client import Client  # noqa: E402
+from edge_runtime.contracts.bundle import (  # noqa: E402
+    generate_keypair,
+    load_private_key,
+    load_public_keys,
+    sha256_bytes,
+    write_bundle,
+)
+from edge_runtime.contracts.client import Client  # noqa: E402
+from edge_runtime.device.agent.session import Agent, AgentConfig  # noqa: E402
 from edge_runtime.fleet import publish_bundle, publish_desired  # noqa: E402
-from edge_runtime.runtime import Runtime  # noqa: E402
-from edge_runtime.store import ModelStore  # noqa: E402
+from edge_runtime.serving.runtime import Runtime  # noqa: E402
+from edge_runtime.serving.store import ModelStore  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402
 from tests.fleet_models import classifier, inputs, make_bundle  # noqa: E402

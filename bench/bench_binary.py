@@ -23,9 +23,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_runtime import samples, zoo  # noqa: E402
-from edge_runtime.bundle import PreprocessSpec, generate_keypair  # noqa: E402
-from edge_runtime.client import Client  # noqa: E402
+from edge_runtime.contracts.bundle import PreprocessSpec, generate_keypair  # noqa: E402
+from edge_runtime.contracts.client import Client  # noqa: E402
+from edge_runtime.pack import samples, zoo  # noqa: E402
 from edge_runtime.pack.pipeline import PackRequest, pack  # noqa: E402
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_runtime.bundle import generate_keypair, load_private_key  # noqa: E402
+from edge_runtime.contracts.bundle import generate_keypair, load_private_key  # noqa: E402
 from edge_runtime.fleet.controller import Controller, RolloutParams  # noqa: E402
 from edge_runtime.fleet.db import ControllerDB  # noqa: E402
 from edge_runtime.fleet.link import BrokerAuth, FleetLink  # noqa: E402

@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edge_runtime import samples, zoo
-from edge_runtime.bundle import PreprocessSpec, generate_keypair
+from edge_runtime.contracts.bundle import PreprocessSpec, generate_keypair
+from edge_runtime.pack import samples, zoo
 from edge_runtime.pack.pipeline import PackRequest, pack
 from edge_runtime.pack.validate import Gate
 

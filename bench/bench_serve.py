@@ -31,11 +31,11 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_runtime import samples, zoo  # noqa: E402
-from edge_runtime.bundle import PreprocessSpec, generate_keypair, load_public_keys, read_bundle  # noqa: E402
-from edge_runtime.client import Client  # noqa: E402
+from edge_runtime.contracts.bundle import PreprocessSpec, generate_keypair, load_public_keys, read_bundle  # noqa: E402
+from edge_runtime.contracts.client import Client  # noqa: E402
+from edge_runtime.pack import samples, zoo  # noqa: E402
 from edge_runtime.pack.pipeline import PackRequest, pack  # noqa: E402
-from edge_runtime.store import ModelStore  # noqa: E402
+from edge_runtime.serving.store import ModelStore  # noqa: E402
 
 OUT = REPO / "bench" / "results"
 THREADS = os.cpu_count() or 1

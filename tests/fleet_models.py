@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import load_private_key, sha256_bytes, write_bundle
+from edge_runtime.contracts.bundle import load_private_key, sha256_bytes, write_bundle
 
 DIM, CLASSES = 64, 4
 

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edge_runtime.bundle import load_private_key
+from edge_runtime.contracts.bundle import load_private_key
 from edge_runtime.fleet.controller import Controller, FleetError, RolloutParams
 from edge_runtime.fleet.db import ControllerDB, Rollout
 from edge_runtime.fleet.link import BrokerAuth, DeviceView, FleetLink

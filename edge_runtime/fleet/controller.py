@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.bundle import load_public_keys, read_bundle
+from edge_runtime.contracts.bundle import load_public_keys, read_bundle
 from edge_runtime.fleet.db import ControllerDB, Rollout
 from edge_runtime.fleet.figures import brief, experiment_figures
 from edge_runtime.fleet.link import DeviceView, FleetLink

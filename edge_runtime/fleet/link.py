@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.control import desired_payload, sign
+from edge_runtime.contracts.signed import desired_payload, sign
 from edge_runtime.fleet.db import ControllerDB
 from edge_runtime.fleet.publish import PREFIX, desired_topic, publish_bundle
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.control import desired_payload, sign
+from edge_runtime.contracts.signed import desired_payload, sign
 
 PREFIX = "edgert/v1"
 CHUNK_SIZE = 256 * 1024

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.agent import Agent, AgentConfig
-from edge_runtime.bundle import load_public_keys
-from edge_runtime.runtime import Runtime
-from edge_runtime.store import ModelStore
+from edge_runtime.contracts.bundle import load_public_keys
+from edge_runtime.device.agent.session import Agent, AgentConfig
+from edge_runtime.serving.runtime import Runtime
+from edge_runtime.serving.store import ModelStore
 
 log = logging.getLogger(__name__)
 

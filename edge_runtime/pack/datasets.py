@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import PreprocessSpec, TensorSpec
-from edge_runtime.preprocess import IMAGE_SUFFIXES, preprocess, read_image
+from edge_runtime.contracts.bundle import PreprocessSpec, TensorSpec
+from edge_runtime.serving.preprocess import IMAGE_SUFFIXES, preprocess, read_image
 
 DATA_SUFFIXES = (*IMAGE_SUFFIXES, ".npy", ".npz")
 

@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edge_runtime.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
+from edge_runtime.contracts.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
 from edge_runtime.pack.datasets import Sample, load_samples
 from edge_runtime.pack.prepare import PrepareError, compact, prepare
 from edge_runtime.pack.quantize import (

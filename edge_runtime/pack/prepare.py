@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.bundle import TensorSpec
+from edge_runtime.contracts.bundle import TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_runtime.bundle import BundleManifest
+from edge_runtime.contracts.bundle import BundleManifest
 
 
 def _ms(x: dict[str, float] | None) -> str:

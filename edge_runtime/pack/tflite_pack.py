@@ -26,7 +26,7 @@ import numpy as np
 from rich.console import Console
 
 from edge_runtime.backends import BackendOptions, create_backend
-from edge_runtime.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
+from edge_runtime.contracts.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
 from edge_runtime.pack import toolenv
 from edge_runtime.pack.datasets import Sample, load_samples
 from edge_runtime.pack.report import render_report

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from edge_runtime.bundle import generate_keypair, load_private_key
-from edge_runtime.client import Client
+from edge_runtime.contracts.bundle import generate_keypair, load_private_key
+from edge_runtime.contracts.client import Client
 from edge_runtime.fleet import bundle_ref, publish_bundle, publish_desired
 from tests.broker import Broker
 from tests.conftest import Daemon, edgert
@@ -244,7 +244,7 @@ def test_signed_downgrade_is_applied(device: Device, fleet_key: Path) -> None:
 
 
 def test_hostile_control_traffic(device: Device, fleet_key: Path, other_keys: Path, broker: Broker) -> None:
-    from edge_runtime.control import canonical, desired_payload, sign
+    from edge_runtime.contracts.signed import canonical, desired_payload, sign
 
     topic = "edgert/v1/devices/dev1/desired"
     good = sign(desired_payload("dev1", time.time_ns() // 1000, {}), load_private_key(fleet_key / "signing.key"))
@@ -270,8 +270,8 @@ def test_hostile_control_traffic(device: Device, fleet_key: Path, other_keys: Pa
 
 @pytest.mark.parametrize("step", ["download", "verify", "write", "rename", "activate", "health"])
 def test_kill9_at_every_update_step(tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path, step: str) -> None:
-    from edge_runtime.bundle import load_public_keys as pubs
-    from edge_runtime.bundle import read_bundle
+    from edge_runtime.contracts.bundle import load_public_keys as pubs
+    from edge_runtime.contracts.bundle import read_bundle
 
     d = Device(tmp_path, broker, keys, fleet_key, env={"EDGERT_FAULT_KILL_AT": step})
     try:

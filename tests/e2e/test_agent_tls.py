@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edge_runtime.bundle import generate_keypair
+from edge_runtime.contracts.bundle import generate_keypair
 from tests.broker import Broker
 from tests.conftest import Daemon, edgert, free_port
 from tests.fleet_models import make_bundle

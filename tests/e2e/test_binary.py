@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.client import Client
+from edge_runtime.contracts.client import Client
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime import zoo
+from edge_runtime.pack import zoo
 from tests.conftest import edgert
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.image import ImageError, install_image
+from edge_runtime.flash.rootfs import ImageError, install_image
 from tests.conftest import REPO, edgert, reversion
 
 pytestmark = pytest.mark.e2e

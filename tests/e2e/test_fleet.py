@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import generate_keypair, load_private_key, load_public_keys
-from edge_runtime.control import desired_payload, sign
+from edge_runtime.contracts.bundle import generate_keypair, load_private_key, load_public_keys
+from edge_runtime.contracts.signed import desired_payload, sign
 from edge_runtime.fleet.controller import Controller, RolloutParams
 from edge_runtime.fleet.db import ControllerDB
 from edge_runtime.fleet.link import BrokerAuth, FleetLink
 from edge_runtime.fleet.simulate import SimSettings, Simulation
-from edge_runtime.runtime import Runtime
+from edge_runtime.serving.runtime import Runtime
 from tests.broker import Broker
 from tests.conftest import edgert
 from tests.fleet_models import make_bundle

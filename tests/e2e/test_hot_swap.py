@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import load_public_keys
-from edge_runtime.client import Client
-from edge_runtime.runtime import Runtime
+from edge_runtime.contracts.bundle import load_public_keys
+from edge_runtime.contracts.client import Client
+from edge_runtime.serving.runtime import Runtime
 from tests.conftest import Daemon, edgert, reversion
 
 pytestmark = pytest.mark.e2e

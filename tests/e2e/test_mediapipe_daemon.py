@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import samples, zoo
-from edge_runtime.bundle import PreprocessSpec, load_private_key, sha256_bytes, write_bundle
-from edge_runtime.client import Client
-from edge_runtime.preprocess import preprocess, read_image
+from edge_runtime.contracts.bundle import PreprocessSpec, load_private_key, sha256_bytes, write_bundle
+from edge_runtime.contracts.client import Client
+from edge_runtime.pack import samples, zoo
+from edge_runtime.serving.preprocess import preprocess, read_image
 from tests.conftest import Daemon, edgert
 
 pytestmark = pytest.mark.e2e

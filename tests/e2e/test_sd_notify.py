@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import load_private_key, sha256_bytes, write_bundle
-from edge_runtime.client import Client
+from edge_runtime.contracts.bundle import load_private_key, sha256_bytes, write_bundle
+from edge_runtime.contracts.client import Client
 from tests.conftest import edgert, free_port
 
 pytestmark = pytest.mark.e2e

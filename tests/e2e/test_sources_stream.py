@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.client import Client
+from edge_runtime.contracts.client import Client
 from tests.conftest import Daemon, edgert
 
 pytestmark = pytest.mark.e2e

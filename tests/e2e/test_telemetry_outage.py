@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edge_runtime.bundle import generate_keypair
+from edge_runtime.contracts.bundle import generate_keypair
 from tests.broker import Broker
 from tests.conftest import Daemon, edgert
 from tests.fleet_models import make_bundle

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import zoo
 from edge_runtime.backends import BackendOptions, create_backend
-from edge_runtime.bundle import load_private_key, load_public_keys, sha256_bytes, write_bundle
-from edge_runtime.preprocess import preprocess
-from edge_runtime.runtime import Runtime
+from edge_runtime.contracts.bundle import load_private_key, load_public_keys, sha256_bytes, write_bundle
+from edge_runtime.pack import zoo
+from edge_runtime.serving.preprocess import preprocess
+from edge_runtime.serving.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 

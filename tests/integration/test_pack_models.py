@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_runtime import zoo
-from edge_runtime.bundle import PreprocessSpec, load_public_keys, read_bundle
+from edge_runtime.contracts.bundle import PreprocessSpec, load_public_keys, read_bundle
+from edge_runtime.pack import zoo
 from edge_runtime.pack.datasets import load_samples
 from edge_runtime.pack.pipeline import PackRequest, PackResult, pack
 from edge_runtime.pack.validate import Gate, compare, run_all, session
-from edge_runtime.runtime import Runtime
+from edge_runtime.serving.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import samples, zoo
-from edge_runtime.bundle import PreprocessSpec, TensorSpec, load_public_keys, read_bundle
-from edge_runtime.pack import toolenv
+from edge_runtime.contracts.bundle import PreprocessSpec, TensorSpec, load_public_keys, read_bundle
+from edge_runtime.pack import samples, toolenv, zoo
 from edge_runtime.pack.datasets import load_samples
-from edge_runtime.runtime import Runtime
+from edge_runtime.serving.runtime import Runtime
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -106,7 +105,7 @@ def test_keras_model_to_int8_tflite_passes_the_gate_under_litert(
     rt = Runtime(load_public_keys([keys / "signing.pub"]))
     rt.load(out)
     page = next(iter((orientation_data[1] / "90").iterdir()))
-    from edge_runtime.preprocess import preprocess, read_image
+    from edge_runtime.serving.preprocess import preprocess, read_image
 
     x = preprocess(read_image(page), m.preprocess)  # type: ignore[arg-type]
     probs = rt.infer("orient-keras", {"image": x[None]})["orientation"]

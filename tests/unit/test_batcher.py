@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_runtime.batcher import Batcher, BatchSettings, QueueFullError, RequestTimeoutError
+from edge_runtime.serving.batcher import Batcher, BatchSettings, QueueFullError, RequestTimeoutError
 
 pytestmark = pytest.mark.unit
 

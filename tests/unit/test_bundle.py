@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edge_runtime.bundle import (
+from edge_runtime.contracts.bundle import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
     BundleError,

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import PreprocessSpec, TensorSpec
-from edge_runtime.config import ConfigError, load_config
-from edge_runtime.metrics import Registry
-from edge_runtime.oip import ProtocolError, decode_request, decode_response, encode_request, encode_response
-from edge_runtime.preprocess import preprocess
-from edge_runtime.tensors import InputError, check_inputs
+from edge_runtime.contracts.bundle import PreprocessSpec, TensorSpec
+from edge_runtime.contracts.oip import ProtocolError, decode_request, decode_response, encode_request, encode_response
+from edge_runtime.device.config import ConfigError, load_config
+from edge_runtime.serving.metrics import Registry
+from edge_runtime.serving.preprocess import preprocess
+from edge_runtime.serving.tensors import InputError, check_inputs
 
 pytestmark = pytest.mark.unit
 
@@ -114,8 +114,8 @@ def test_check_inputs_messages() -> None:
 
 
 def test_missing_gpu_providers_fall_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    from edge_runtime import zoo
     from edge_runtime.backends import BackendOptions, create_backend
+    from edge_runtime.pack import zoo
 
     caplog.set_level(logging.WARNING)
     model = zoo.fetch("ppocr-cls").read_bytes()

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from edge_runtime.bundle import (
+from edge_runtime.contracts.bundle import (
     BundleError,
     PreprocessSpec,
     generate_keypair,
@@ -216,7 +216,7 @@ def _inspect_onnx(path: Path, as_json: bool) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from edge_runtime.store import ModelStore
+    from edge_runtime.serving.store import ModelStore
 
     store = ModelStore(Path(args.state_dir))
     try:
@@ -231,8 +231,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from edge_runtime.config import ConfigError, load_config
-    from edge_runtime.daemon import Daemon
+    from edge_runtime.device.config import ConfigError, load_config
+    from edge_runtime.device.daemon import Daemon
 
     overrides = {
         "state_dir": args.state_dir,
@@ -265,9 +265,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from edge_runtime.batch_infer import run_batch
-    from edge_runtime.batcher import BatchSettings
-    from edge_runtime.runtime import Runtime
+    from edge_runtime.device.offline_scoring import run_batch
+    from edge_runtime.serving.batcher import BatchSettings
+    from edge_runtime.serving.runtime import Runtime
 
     try:
         runtime = Runtime(
@@ -283,7 +283,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_device_image(args: argparse.Namespace) -> int:
-    from edge_runtime.image import DEFAULT_CONFIG, DEFAULT_UNIT, ImageError, build_image
+    from edge_runtime.flash.rootfs import DEFAULT_CONFIG, DEFAULT_UNIT, ImageError, build_image
 
     try:
         config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
@@ -298,7 +298,7 @@ def cmd_device_image(args: argparse.Namespace) -> int:
 
 
 def cmd_device_install(args: argparse.Namespace) -> int:
-    from edge_runtime.image import ImageError, install_image
+    from edge_runtime.flash.rootfs import ImageError, install_image
 
     try:
         report = install_image(Path(args.image), Path(args.root))
@@ -312,9 +312,9 @@ def cmd_device_install(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edge_runtime.agent import device_state
-    from edge_runtime.outbox import Outbox
-    from edge_runtime.store import ModelStore
+    from edge_runtime.device.agent.outbox import Outbox
+    from edge_runtime.device.agent.session import device_state
+    from edge_runtime.serving.store import ModelStore
 
     root = Path(args.state_dir)
     if not root.is_dir():
@@ -342,7 +342,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edge_runtime.demo import run_demo
+    from edge_runtime.cli.demo import run_demo
 
     return run_demo(Path(args.workdir), console)
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime import __version__
-from edge_runtime.bundle import BundleError, load_public_keys, read_bundle
-from edge_runtime.store import ModelStore, atomic_write
+from edge_runtime.contracts.bundle import BundleError, load_public_keys, read_bundle
+from edge_runtime.serving.store import ModelStore, atomic_write
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_UNIT = REPO / "systemd" / "edgert.service"
 SYSUSERS = 'u edgert - "edge-runtime daemon" /var/lib/edgert\nm edgert video\n'
 DEFAULT_CONFIG = """\

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
+from edge_runtime.serving.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -19,8 +19,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_runtime.bundle import key_id
-from edge_runtime.store import atomic_write
+from edge_runtime.contracts.bundle import key_id
+from edge_runtime.serving.store import atomic_write
 
 MAX_CONTROL_BYTES = 256 * 1024
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_runtime.batcher import BatchSettings
-from edge_runtime.store import DEFAULT_STATE_DIR
+from edge_runtime.serving.batcher import BatchSettings
+from edge_runtime.serving.store import DEFAULT_STATE_DIR
 
 
 class ConfigError(ValueError):

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edge_runtime.preprocess import IMAGE_SUFFIXES, preprocess, read_image
-from edge_runtime.results import summarize
-from edge_runtime.runtime import Runtime
+from edge_runtime.serving.preprocess import IMAGE_SUFFIXES, preprocess, read_image
+from edge_runtime.serving.results import summarize
+from edge_runtime.serving.runtime import Runtime
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 

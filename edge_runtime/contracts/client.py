@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from edge_runtime.oip import HEADER_LENGTH, decode_response, encode_request
+from edge_runtime.contracts.oip import HEADER_LENGTH, decode_response, encode_request
 
 
 class ClientError(RuntimeError):

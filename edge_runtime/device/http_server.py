@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime import __version__
-from edge_runtime.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
-from edge_runtime.oip import HEADER_LENGTH, ProtocolError, decode_request, encode_response
-from edge_runtime.results import ResultHub
-from edge_runtime.runtime import ModelNotFoundError, Runtime
-from edge_runtime.tensors import NUMPY_TO_OIP, InputError
+from edge_runtime.contracts.oip import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+from edge_runtime.serving.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
+from edge_runtime.serving.results import ResultHub
+from edge_runtime.serving.runtime import ModelNotFoundError, Runtime
+from edge_runtime.serving.tensors import NUMPY_TO_OIP, InputError
 
 log = logging.getLogger(__name__)
 

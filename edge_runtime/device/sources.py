@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.config import SourceConfig
-from edge_runtime.preprocess import IMAGE_SUFFIXES, preprocess, read_image
-from edge_runtime.results import ResultHub, summarize
-from edge_runtime.runtime import Runtime
+from edge_runtime.device.config import SourceConfig
+from edge_runtime.serving.preprocess import IMAGE_SUFFIXES, preprocess, read_image
+from edge_runtime.serving.results import ResultHub, summarize
+from edge_runtime.serving.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.backends import Backend, BackendOptions, create_backend
-from edge_runtime.batcher import Batcher, BatchObserver, BatchSettings
-from edge_runtime.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
-from edge_runtime.cache import PredictionCache
-from edge_runtime.experiments import Experiment
-from edge_runtime.health import VersionStats
-from edge_runtime.metrics import BATCH_BUCKETS, Registry, rss_bytes
-from edge_runtime.tensors import InputError, check_inputs
+from edge_runtime.contracts.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
+from edge_runtime.serving.batcher import Batcher, BatchObserver, BatchSettings
+from edge_runtime.serving.cache import PredictionCache
+from edge_runtime.serving.experiments import Experiment
+from edge_runtime.serving.health import VersionStats
+from edge_runtime.serving.metrics import BATCH_BUCKETS, Registry, rss_bytes
+from edge_runtime.serving.tensors import InputError, check_inputs
 
 log = logging.getLogger(__name__)
 

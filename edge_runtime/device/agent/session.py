@@ -31,12 +31,12 @@ from urllib.parse import urlparse
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import __version__
-from edge_runtime.control import ControlRefused, SeqGuard, open_envelope
-from edge_runtime.health import HealthPolicy
-from edge_runtime.outbox import Outbox
-from edge_runtime.runtime import Runtime
-from edge_runtime.store import ModelStore, atomic_write
-from edge_runtime.updates import BundleRef, ChunkStore, Updater, UpdateRefused, crash_point, fetch_url
+from edge_runtime.contracts.signed import ControlRefused, SeqGuard, open_envelope
+from edge_runtime.device.agent.outbox import Outbox
+from edge_runtime.device.agent.updater import BundleRef, ChunkStore, Updater, UpdateRefused, crash_point, fetch_url
+from edge_runtime.serving.health import HealthPolicy
+from edge_runtime.serving.runtime import Runtime
+from edge_runtime.serving.store import ModelStore, atomic_write
 
 log = logging.getLogger(__name__)
 PREFIX = "edgert/v1"

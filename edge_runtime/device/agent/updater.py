@@ -30,10 +30,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime.bundle import BundleError, read_bundle, semver_key
-from edge_runtime.health import HealthPolicy, Verdict, evaluate
-from edge_runtime.runtime import Runtime
-from edge_runtime.store import ModelStore, atomic_write, fsync_dir
+from edge_runtime.contracts.bundle import BundleError, read_bundle, semver_key
+from edge_runtime.serving.health import HealthPolicy, Verdict, evaluate
+from edge_runtime.serving.runtime import Runtime
+from edge_runtime.serving.store import ModelStore, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 

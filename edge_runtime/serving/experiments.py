@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_runtime.health import VersionStats
+from edge_runtime.serving.health import VersionStats
 
 if TYPE_CHECKING:
-    from edge_runtime.batcher import Batcher
-    from edge_runtime.runtime import ModelVersion
+    from edge_runtime.serving.batcher import Batcher
+    from edge_runtime.serving.runtime import ModelVersion
 
 log = logging.getLogger(__name__)
 

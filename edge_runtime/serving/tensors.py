@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.bundle import TensorSpec
+from edge_runtime.contracts.bundle import TensorSpec
 
 # Open Inference Protocol v2 datatypes <-> numpy.
 OIP_TO_NUMPY = {

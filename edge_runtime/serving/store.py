@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime.bundle import Bundle, BundleError, load_public_keys, read_bundle
+from edge_runtime.contracts.bundle import Bundle, BundleError, load_public_keys, read_bundle
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgert")
 

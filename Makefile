@@ -20,9 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/edgert demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edge_runtime tests bench
-	$(VENV)/bin/ruff format --check edge_runtime tests bench
+	$(VENV)/bin/ruff check edge_runtime tests bench tools
+	$(VENV)/bin/ruff format --check edge_runtime tests bench tools
 	$(VENV)/bin/mypy
+	$(PY) tools/check_layers.py
 
 system-deps:
 	@missing=""; \

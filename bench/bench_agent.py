@@ -150,7 +150,7 @@ def main() -> None:
         d.stop()
         ctl.loop_stop()
         broker.stop()
-        results["update"] = {"bundle_mb": big.stat().st_size / 1e6, "chunks": len(ref["chunks"]),
+        results["update"] = {"bundle_mb": big.stat().st_size / 1e6, "chunks": len(ref.chunks),
                              "publish_chunks_s": t_chunks, "desired_to_serving_s": update_s}  # fmt: skip
 
     out = REPO / "bench" / "results"

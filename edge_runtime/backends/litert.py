@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 
 
 class LiteRTBackend:
+    """Runs a TFLite model in LiteRT (XNNPACK, or an external NPU delegate with a fallback to the CPU).
+
+    Owns the interpreter and the int8 (de)quantization of full-integer inputs and outputs. Knows
+    nothing of bundles, batching or HTTP: it takes model bytes and options and runs arrays."""
+
     name = "litert"
 
     def __init__(self, model: bytes, options: BackendOptions) -> None:

@@ -102,6 +102,35 @@ class PreprocessSpec(_Strict):
         return v
 
 
+class BatchProfile(_Strict):
+    """An explicit batch profile (TensorRT's min/opt/max shapes along axis 0)."""
+
+    min: int = Field(ge=1)
+    opt: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+
+class BatchingSpec(_Strict):
+    """Whether requests to this model may be stacked along axis 0, and how far."""
+
+    max_batch: int = Field(0, ge=0, description="largest batch the model takes (0: no limit of its own)")
+    batchable: bool = Field(True, description="axis 0 is a free batch axis")
+    stateful: bool = Field(False, description="declared stateful: never batched")
+    reason: str = Field("", description="why (not) batchable, for people")
+    profile: BatchProfile | None = None
+    warmup: str | None = Field(None, description="bundle file holding a real warm-up sample (.npz)")
+
+
+class RuntimeOptions(_Strict):
+    """Backend settings the device applies to this model."""
+
+    providers: list[str] = Field(default_factory=list, description="ONNX Runtime execution providers, in order")
+    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    artifact: str | None = Field(None, description="tflite for LiteRT bundles")
+    delegate_hint: str | None = Field(None, description="the NPU delegate library the target expects")
+    choice: str | None = Field(None, description="what the packer chose, for people")
+
+
 class BundleManifest(_Strict):
     schema_version: Literal[1] = 1
     name: str
@@ -118,12 +147,8 @@ class BundleManifest(_Strict):
     precision: Literal["int8", "fp16", "fp32"]
     quantization: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
-    runtime_options: dict[str, Any] = Field(
-        default_factory=dict, description="backend settings the device applies (providers, threads...)"
-    )
-    batching: dict[str, Any] = Field(
-        default_factory=dict, description="max_batch (1 = fixed batch), stateful, batch profile"
-    )
+    runtime_options: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     key_id: str = Field(description="sha256 of the raw signing public key, first 16 hex digits")
 

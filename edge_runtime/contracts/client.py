@@ -45,6 +45,10 @@ class _TCPConnection(http.client.HTTPConnection):
 
 
 class Client:
+    """A small Open Inference Protocol v2 client (keep-alive HTTP or a unix socket), binary tensors by
+    default. Owns one connection; never retries a request on its own (inference is not idempotent
+    for stateful models)."""
+
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0) -> None:
         self.url = url
         self.timeout = timeout

@@ -11,7 +11,23 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.serving.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
+# Open Inference Protocol v2 datatypes <-> numpy.
+OIP_TO_NUMPY = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+NUMPY_TO_OIP = {v: k for k, v in OIP_TO_NUMPY.items()}
+
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

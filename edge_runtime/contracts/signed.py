@@ -13,14 +13,12 @@ import base64
 import json
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.contracts.bundle import key_id
-from edge_runtime.serving.store import atomic_write
 
 MAX_CONTROL_BYTES = 256 * 1024
 
@@ -77,23 +75,6 @@ def open_envelope(raw: bytes, keys: list[Ed25519PublicKey], scope: str, kind: st
     if not isinstance(payload.get("seq"), int) or payload["seq"] < 0:
         raise ControlRefused("malformed", "payload needs a non-negative integer 'seq'")
     return payload
-
-
-class SeqGuard:
-    """The highest accepted sequence per scope, persisted: replays stay refused across restarts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.seen: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
-
-    def check(self, scope: str, seq: int) -> None:
-        last = self.seen.get(scope, -1)
-        if seq <= last:
-            raise ControlRefused("replayed", f"seq {seq} for {scope} is not newer than {last}")
-
-    def accept(self, scope: str, seq: int) -> None:
-        self.seen[scope] = seq
-        atomic_write(self.path, json.dumps(self.seen).encode())
 
 
 def desired_payload(scope: str, seq: int, models: dict[str, Any]) -> dict[str, Any]:

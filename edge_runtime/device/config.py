@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge_runtime.contracts.targets import target_names
 from edge_runtime.serving.batcher import BatchSettings
 from edge_runtime.serving.store import DEFAULT_STATE_DIR
 
@@ -83,6 +84,14 @@ class MqttConfig(_Strict):
 
 
 class ServeConfig(_Strict):
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v: str) -> str:
+        known = target_names()
+        if v not in known:
+            raise ValueError(f"unknown target {v!r}; expected one of: {', '.join(known)}")
+        return v
+
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="model store, keys, outbox")
     trust_dirs: list[Path] = Field(
         default_factory=list, description="more directories of trusted *.pub keys (besides STATE/keys)"
@@ -106,8 +115,51 @@ class ServeConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="per-model settings by name")
     sources: list[SourceConfig] = Field(default_factory=list, description="sensor frame sources")
-    target: str = Field(default_factory=default_target, description="this device's target; bundles must match it")
+    target: str = Field(
+        default_factory=default_target,
+        description="this device's target (default from the CPU architecture); bundles must match it",
+    )
     mqtt: MqttConfig | None = Field(None, description="join a fleet over MQTT (absent: fully offline)")
+
+
+# The flags of `edgert serve`, each naming the config field it overrides. Help text and type come
+# from the field itself, so the CLI cannot drift from the configuration it documents.
+SERVE_FLAGS: dict[str, str] = {
+    "--state-dir": "state_dir",
+    "--host": "host",
+    "--port": "port",
+    "--uds": "uds",
+    "--threads": "threads",
+    "--delegate": "delegate",
+    "--max-batch": "batching.max_batch",
+    "--max-delay-ms": "batching.max_delay_ms",
+    "--target": "target",
+    "--mqtt": "mqtt.url",
+    "--device-id": "mqtt.device_id",
+    "--group": "mqtt.group",
+    "--fleet-key": "mqtt.fleet_key",
+    "--mqtt-user": "mqtt.username",
+    "--mqtt-password-file": "mqtt.password_file",
+    "--tls-ca": "mqtt.tls_ca",
+    "--tls-cert": "mqtt.tls_cert",
+    "--tls-key": "mqtt.tls_key",
+    "--telemetry-interval": "mqtt.telemetry_interval_s",
+}
+SECTIONS: dict[str, type[BaseModel]] = {"batching": BatchingConfig, "mqtt": MqttConfig}
+
+
+def config_field(path: str) -> tuple[str, type]:
+    """The description and the scalar type (int, float or str) of a dotted config field."""
+    section, _, name = path.rpartition(".")
+    model: type[BaseModel] = SECTIONS[section] if section else ServeConfig
+    info = model.model_fields[name]
+    annotation = info.annotation
+    kind: type = str
+    for candidate in (bool, int, float):
+        if annotation is candidate or candidate in getattr(annotation, "__args__", ()):
+            kind = candidate
+            break
+    return info.description or "", kind
 
 
 def _line_map(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:

@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.contracts.bundle import load_public_keys
+from edge_runtime.device.agent.updater import Updater
 from edge_runtime.device.config import ServeConfig
 from edge_runtime.device.http_server import ServerState, make_servers
 from edge_runtime.device.sd_notify import Notifier, Watchdog, loop_progressing, watchdog_interval
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class Daemon:
+    """`edgert serve`: wires the store, the runtime, the HTTP servers, the frame sources, the agent
+    and the watchdog together, and runs them until a signal.
+
+    Owns start-up order (liveness first, readiness once every model is warm) and the drain on
+    SIGTERM. Never decides versions itself: SIGHUP and the agent go through the Updater."""
+
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.store = ModelStore(config.state_dir)
@@ -39,6 +46,7 @@ class Daemon:
             spin=config.spin,
             delegate=str(config.delegate) if config.delegate else None,
         )
+        self.updater = Updater(self.store, self.runtime, self.trusted_keys, config.target)
         self.hub = ResultHub()
         self.sources: list[FrameSource] = []
         self.state = ServerState(self.runtime, config.max_body_bytes, self.hub)
@@ -81,17 +89,11 @@ class Daemon:
             self.runtime.load(model.path, settings, cache)
 
     def reload(self) -> None:
-        """Converge on the store's active pointers: hot-swap changed versions, load new models."""
-        loaded = {h.name: h.current.version for h in self.runtime.models()}
+        """Converge on the store's active pointers (SIGHUP): hot-swap changed versions, load new
+        models; a version that cannot load is reported and the serving one kept."""
         self.runtime.trusted_keys = self.trusted_keys()
-        for model in self.store.active():
-            try:
-                if model.name not in loaded:
-                    self.runtime.load(model.path)
-                elif loaded[model.name] != model.version:
-                    self.runtime.swap(model.path)
-            except Exception as e:  # a bad new version must never take the serving one down
-                log.error("reload of %s %s refused: %s", model.name, model.version, e)
+        changed = self.updater.align()
+        log.info("reload: %s", ", ".join(changed) or "nothing changed")
 
     def start(self) -> None:
         for s in self.servers:
@@ -132,7 +134,7 @@ class Daemon:
             tls_key=str(m.tls_key) if m.tls_key else None, telemetry_interval_s=m.telemetry_interval_s,
             outbox_max_bytes=m.outbox_max_bytes,
         )  # fmt: skip
-        agent = Agent(cfg, self.runtime, self.store, self.trusted_keys, recovered=self.recovered)
+        agent = Agent(cfg, self.runtime, self.store, self.updater, recovered=self.recovered)
         if m.sample_results > 0:
             share = m.sample_results
 

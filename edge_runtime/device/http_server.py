@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime import __version__
-from edge_runtime.contracts.oip import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+from edge_runtime.contracts.oip import HEADER_LENGTH, NUMPY_TO_OIP, ProtocolError, decode_request, encode_response
 from edge_runtime.serving.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
 from edge_runtime.serving.results import ResultHub
 from edge_runtime.serving.runtime import ModelNotFoundError, Runtime
-from edge_runtime.serving.tensors import NUMPY_TO_OIP, InputError
+from edge_runtime.serving.tensors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ def model_metadata(runtime: Runtime, name: str, version: str | None) -> dict[str
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One HTTP connection of the daemon's API (Open Inference Protocol v2, health, metrics, SSE).
+
+    Owns parsing and answering; validation errors are 4xx with a message naming what was wrong.
+    Never runs a model itself: requests go to the Runtime's batchers."""
+
     protocol_version = "HTTP/1.1"
     server_version = f"edgert/{__version__}"
     state: ServerState  # set on the subclass made per server
@@ -233,11 +238,9 @@ class Handler(BaseHTTPRequestHandler):
             request, feeds = decode_request(body, header_len)
             timeout = (request.get("parameters") or {}).get("timeout_ms")
             timeout_ms = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
-            fut = rt.submit(name, feeds, version, timeout_ms)
-            outputs = fut.result(timeout=(timeout_ms or rt.batching.timeout_ms) / 1000.0 + 30.0)
-            handle = rt.get(name)
-            served = getattr(fut, "served_version", handle.current.version)  # A/B: the variant that answered
-            out_body, out_header = encode_response(name, served, request, outputs)
+            submitted = rt.submit(name, feeds, version, timeout_ms)
+            outputs = submitted.result(timeout=(timeout_ms or rt.batching.timeout_ms) / 1000.0 + 30.0)
+            out_body, out_header = encode_response(name, submitted.version, request, outputs)
         except ModelNotFoundError as e:
             self._error(404, str(e))
         except (ProtocolError, InputError, ValueError) as e:

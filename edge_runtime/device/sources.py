@@ -57,6 +57,11 @@ def open_frames(cfg: SourceConfig) -> Iterator[tuple[str, np.ndarray]]:
 
 
 class FrameSource:
+    """A sensor frame source (camera, video, URL, image folder) feeding one model.
+
+    Owns its capture thread and a small queue that drops the oldest frame when inference is
+    behind. Never blocks the model on a slow sensor."""
+
     def __init__(self, cfg: SourceConfig, runtime: Runtime, hub: ResultHub) -> None:
         self.cfg, self.runtime, self.hub = cfg, runtime, hub
         handle = runtime.get(cfg.model)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.contracts.bundle import BundleError, load_public_keys, read_bundle
-from edge_runtime.serving.store import ModelStore, atomic_write
+from edge_runtime.contracts.durable import atomic_write
+from edge_runtime.serving.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_UNIT = REPO / "systemd" / "edgert.service"

@@ -1,7 +1,6 @@
-"""The fleet, host side: publishing bundles and signed desired state (``publish``), the rollout
-controller (``controller``) with its SQLite state (``db``) and broker link (``link``), and the
-device simulator (``simulate``)."""
+"""The fleet controller (host side): rollouts over MQTT through signed desired state."""
 
-from edge_runtime.fleet.publish import PREFIX, bundle_ref, desired_topic, publish_bundle, publish_desired
+from edge_runtime.contracts.fleet import PREFIX, desired_topic
+from edge_runtime.fleet.publish import bundle_ref, publish_bundle, publish_desired
 
 __all__ = ["PREFIX", "bundle_ref", "desired_topic", "publish_bundle", "publish_desired"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.contracts.fleet import BundleRef
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (
     name TEXT NOT NULL, version TEXT NOT NULL, target TEXT NOT NULL, sha256 TEXT NOT NULL,
@@ -29,7 +31,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version TEXT NOT NULL,
     from_version TEXT, grp TEXT NOT NULL, strategy TEXT NOT NULL, params TEXT NOT NULL,
     status TEXT NOT NULL, phase INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL, updated REAL NOT NULL, finished REAL);
+    created REAL NOT NULL, updated REAL NOT NULL, finished REAL,
+    population INTEGER NOT NULL DEFAULT 0, driven INTEGER NOT NULL DEFAULT 0,
+    group_published INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout INTEGER NOT NULL, device TEXT NOT NULL, stage INTEGER NOT NULL, status TEXT NOT NULL,
     scope TEXT NOT NULL, seq INTEGER NOT NULL, from_version TEXT, moved REAL NOT NULL,
@@ -39,6 +43,16 @@ CREATE TABLE IF NOT EXISTS decisions (
 """
 
 ACTIVE = ("running", "observing", "aborting")
+# Bookkeeping columns added after the first schema (older state files gain them on open).
+MIGRATIONS = {
+    "population": "ALTER TABLE rollouts ADD COLUMN population INTEGER NOT NULL DEFAULT 0",
+    "driven": "ALTER TABLE rollouts ADD COLUMN driven INTEGER NOT NULL DEFAULT 0",
+    "group_published": "ALTER TABLE rollouts ADD COLUMN group_published INTEGER NOT NULL DEFAULT 0",
+}
+ROLLOUT_COLUMNS = (
+    "id, name, version, from_version, grp, strategy, params, status, phase, reason, created, updated, finished,"
+    " population, driven, group_published"
+)
 
 
 @dataclass
@@ -56,6 +70,9 @@ class Rollout:
     created: float
     updated: float
     finished: float | None
+    population: int = 0  # devices in the group when the rollout was created
+    driven: bool = False  # a controller has driven it (a restart republishes its messages)
+    group_published: bool = False  # the current phase's group desired state is out
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -64,6 +81,11 @@ class Rollout:
 
 
 class ControllerDB:
+    """The controller's state file (SQLite, WAL, BEGIN IMMEDIATE writes).
+
+    Owns published bundles, seqs and the last signed message per scope, rollouts with their
+    bookkeeping columns, each device's part and every decision. Never talks to the broker."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +93,10 @@ class ControllerDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(rollouts)")}
+        for column, statement in MIGRATIONS.items():
+            if column not in have:
+                self._db.execute(statement)
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -120,19 +146,19 @@ class ControllerDB:
 
     # --- bundles ---------------------------------------------------------------------
 
-    def add_bundle(self, name: str, version: str, target: str, ref: dict[str, Any]) -> None:
+    def add_bundle(self, name: str, version: str, target: str, ref: BundleRef) -> None:
         with self.tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO bundles VALUES (?, ?, ?, ?, ?, ?)",
-                (name, version, target, ref["sha256"], json.dumps(ref), time.time()),
+                (name, version, target, ref.sha256, ref.model_dump_json(exclude_none=True), time.time()),
             )
 
-    def bundle(self, name: str, version: str, target: str | None = None) -> dict[str, Any] | None:
+    def bundle(self, name: str, version: str, target: str | None = None) -> BundleRef | None:
         q = "SELECT ref FROM bundles WHERE name=? AND version=?" + (" AND target=?" if target else "")
         args = (name, version, target) if target else (name, version)
         with self._lock:
             row = self._db.execute(q + " ORDER BY published DESC", args).fetchone()
-        return json.loads(row[0]) if row else None
+        return BundleRef.model_validate_json(row[0]) if row else None
 
     def bundles(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -144,7 +170,14 @@ class ControllerDB:
     # --- rollouts --------------------------------------------------------------------
 
     def create_rollout(
-        self, name: str, version: str, from_version: str | None, group: str, strategy: str, params: dict[str, Any]
+        self,
+        name: str,
+        version: str,
+        from_version: str | None,
+        group: str,
+        strategy: str,
+        params: dict[str, Any],
+        population: int = 0,
     ) -> int:
         now = time.time()
         with self.tx() as db:
@@ -155,9 +188,9 @@ class ControllerDB:
             if busy:
                 raise RuntimeError(f"rollout {busy[0]} of {name} to group {group} is still active; abort it first")
             cur = db.execute(
-                "INSERT INTO rollouts (name, version, from_version, grp, strategy, params, status, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-                (name, version, from_version, group, strategy, json.dumps(params), now, now),
+                "INSERT INTO rollouts (name, version, from_version, grp, strategy, params, status, created, updated,"
+                " population) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+                (name, version, from_version, group, strategy, json.dumps(params), now, now, population),
             )
             rid = int(cur.lastrowid or 0)
         return rid
@@ -165,8 +198,7 @@ class ControllerDB:
     def rollout(self, rid: int) -> Rollout | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, name, version, from_version, grp, strategy, params, status, phase, reason, created,"
-                " updated, finished FROM rollouts WHERE id=?",
+                f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id=?",
                 (rid,),
             ).fetchone()
             if row is None:
@@ -179,7 +211,8 @@ class ControllerDB:
         r = Rollout(
             id=row[0], name=row[1], version=row[2], from_version=row[3], group=row[4], strategy=row[5],
             params=json.loads(row[6]), status=row[7], phase=row[8], reason=row[9], created=row[10],
-            updated=row[11], finished=row[12],
+            updated=row[11], finished=row[12], population=row[13], driven=bool(row[14]),
+            group_published=bool(row[15]),
         )  # fmt: skip
         keys = ("stage", "status", "scope", "seq", "from_version", "moved", "judged", "reason")
         r.devices = {d[0]: dict(zip(keys, d[1:], strict=True)) for d in devs}

@@ -17,11 +17,11 @@ def experiment_figures(r: Rollout, devices: list[DeviceView]) -> dict[str, Any]:
     per_device = {}
     p95s: dict[str, list[float]] = {}
     for v in devices:
-        exp = v.model(r.name).get("experiment")
-        if not isinstance(exp, dict) or exp.get("variant") != r.version or exp.get("kind") != r.strategy:
+        exp = v.model(r.name).experiment
+        if exp is None or exp.variant != r.version or exp.kind.value != r.strategy:
             continue
-        per_device[v.id] = exp
-        for ver, s in (exp.get("variants") or {}).items():
+        per_device[v.id] = exp.model_dump(mode="json")
+        for ver, s in exp.variants.items():
             agg = variants.setdefault(
                 ver,
                 {
@@ -37,19 +37,18 @@ def experiment_figures(r: Rollout, devices: list[DeviceView]) -> dict[str, Any]:
                 },
             )
             agg["devices"] += 1
-            for k in ("rows", "errors", "nonfinite", "batches", "mean_n"):
-                agg[k] += int(s.get(k) or 0)
-            for k in ("compute_s", "mean_sum"):
-                agg[k] += float(s.get(k) or 0.0)
-            for cls, n in (s.get("top1") or {}).items():
-                agg["top1"][str(cls)] = agg["top1"].get(str(cls), 0) + int(n)
-            if s.get("p95_ms") is not None:
-                p95s.setdefault(ver, []).append(float(s["p95_ms"]))
-        for k, val in (exp.get("shadow") or {}).items():
-            if isinstance(val, (int, float)) and k not in ("top1_agreement", "mean_abs_diff", "max_abs_diff"):
-                shadow[k] = shadow.get(k, 0) + val
-            elif k == "max_abs_diff":
-                shadow[k] = max(shadow.get(k, 0.0), float(val))
+            for k in ("rows", "errors", "nonfinite", "batches", "mean_n", "compute_s", "mean_sum"):
+                agg[k] += getattr(s, k)
+            for cls, n in s.top1.items():
+                agg["top1"][cls] = agg["top1"].get(cls, 0) + n
+            if s.p95_ms is not None:
+                p95s.setdefault(ver, []).append(s.p95_ms)
+        if exp.shadow is not None:
+            for k, val in exp.shadow.model_dump().items():
+                if k == "max_abs_diff":
+                    shadow[k] = max(shadow.get(k, 0.0), float(val))
+                elif val is not None and k not in ("top1_agreement", "mean_abs_diff"):
+                    shadow[k] = shadow.get(k, 0) + val
     for ver, agg in variants.items():
         rows = agg["rows"]
         agg["error_rate"] = (agg["errors"] + agg["nonfinite"]) / rows if rows else None

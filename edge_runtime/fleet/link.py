@@ -8,43 +8,54 @@ rebuilt from retained messages on every connect, so it runs unchanged against a 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
+from edge_runtime.contracts.fleet import (
+    MAX_STATE_BYTES,
+    PREFIX,
+    BundleRef,
+    DeviceState,
+    DeviceStatus,
+    ModelSpec,
+    ModelState,
+    desired_topic,
+)
 from edge_runtime.contracts.signed import desired_payload, sign
+from edge_runtime.contracts.wire import WireError, parse_json
 from edge_runtime.fleet.db import ControllerDB
-from edge_runtime.fleet.publish import PREFIX, desired_topic, publish_bundle
+from edge_runtime.fleet.publish import models_payload, publish_bundle
 
 log = logging.getLogger(__name__)
-MAX_STATE_BYTES = 1 << 20
 
 
 @dataclass
 class DeviceView:
+    """What the controller knows of one device: its last status and state (typed, as the device
+    published them) and when the controller last heard from it (the controller's own clock)."""
+
     id: str
     group: str = ""
     online: bool = False
-    last_seen: float = 0.0  # controller clock: when it last heard from the device
-    state: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
+    state: DeviceState | None = None
     edgert: str = ""
+    refused: int = 0  # messages from this device the controller could not use
 
-    def model(self, name: str) -> dict[str, Any]:
-        m = self.state.get("models", {}).get(name)
-        return m if isinstance(m, dict) else {}
+    def model(self, name: str) -> ModelState:
+        return self.state.model(name) if self.state is not None else ModelState()
 
     def serving(self, name: str) -> str | None:
-        m = self.model(name)
-        v = m.get("serving", m.get("version"))
-        return str(v) if v is not None else None
+        return self.model(name).served
 
 
 @dataclass
@@ -73,11 +84,18 @@ class BrokerAuth:
 
 
 class FleetLink:
+    """The controller's broker session: a typed view of every device (retained status and state) and
+    the publishing of signed desired state.
+
+    Owns the MQTT client and the device views; refuses (and counts) what does not match the
+    contract. Never decides a rollout: the Controller does."""
+
     def __init__(self, auth: BrokerAuth, key: Ed25519PrivateKey | None, db: ControllerDB, name: str = "controller"):
         import paho.mqtt.client as mqtt
 
         self.auth, self.key, self.db = auth, key, db
         self.devices: dict[str, DeviceView] = {}
+        self.errors = 0  # callback failures (counted, logged, never fatal)
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self.synced = threading.Event()
@@ -140,30 +158,40 @@ class FleetLink:
         self.connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            self._handle(msg)
+        except Exception:  # nothing a device sends may stop the controller's network thread
+            self.errors += 1
+            log.exception("message on %s could not be handled; dropped", getattr(msg, "topic", "?"))
+
+    def _handle(self, msg: Any) -> None:
         if msg.topic == self._sync_topic:
             self.synced.set()
             return
         parts = msg.topic.split("/")
-        if len(parts) != 5 or not msg.payload or len(msg.payload) > MAX_STATE_BYTES:
+        if len(parts) != 5 or not msg.payload:
             return
         device, kind = parts[3], parts[4]
+        contract: type[DeviceStatus] | type[DeviceState] = DeviceStatus if kind == "status" else DeviceState
         try:
-            data = json.loads(msg.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("device %s sent a %s that is not JSON; ignored", device, kind)
-            return
-        if not isinstance(data, dict) or data.get("device", device) != device:
-            log.warning("device %s sent a malformed %s; ignored", device, kind)
+            data = contract.model_validate(parse_json(msg.payload, MAX_STATE_BYTES))
+            if data.device != device:
+                raise WireError("wrong-device", f"names device {data.device!r} on {device}'s topic")
+        except (WireError, ValidationError) as e:
+            detail = str(e).splitlines()[0][:200]
+            log.warning("device %s sent a %s the controller cannot use (%s); ignored", device, kind, detail)
+            with self._lock:
+                self.devices.setdefault(device, DeviceView(device)).refused += 1
             return
         with self._lock:
             view = self.devices.setdefault(device, DeviceView(device))
             view.last_seen = time.time()
-            if isinstance(data.get("group"), str):
-                view.group = data["group"]
-            if kind == "status":
-                view.online = bool(data.get("online"))
-                view.edgert = str(data.get("edgert", ""))
-            elif kind == "state":
+            if data.group:
+                view.group = data.group
+            if isinstance(data, DeviceStatus):
+                view.online = data.online
+                view.edgert = data.edgert
+            else:
                 view.state = data
 
     # --- queries ---------------------------------------------------------------------
@@ -179,13 +207,13 @@ class FleetLink:
 
     # --- publishing ------------------------------------------------------------------
 
-    def desired(self, scope: str, models: dict[str, Any]) -> int:
+    def desired(self, scope: str, models: dict[str, ModelSpec]) -> int:
         """Sign and publish (retained, QoS 1) a desired state; the message is kept in the state file
         so a restarted controller can publish exactly it again. Returns its seq."""
         if self.key is None:
             raise RuntimeError("publishing desired state needs the fleet signing key (--key)")
         seq = self.db.next_seq(scope)
-        message = sign(desired_payload(scope, seq, models), self.key)
+        message = sign(desired_payload(scope, seq, models_payload(models)), self.key)
         self.db.record_message(scope, seq, message)
         self.client.publish(desired_topic(scope), message, qos=1, retain=True).wait_for_publish(30)
         return seq
@@ -199,5 +227,5 @@ class FleetLink:
             info.wait_for_publish(30)
         return len(msgs)
 
-    def publish_bundle(self, path: Path) -> dict[str, Any]:
+    def publish_bundle(self, path: Path) -> BundleRef:
         return publish_bundle(self.client, path)

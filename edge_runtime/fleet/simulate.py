@@ -44,6 +44,9 @@ class SimSettings:
 
 
 class SimDevice:
+    """One simulated device: a real Runtime, store, outbox and Agent in its own state dir, fed
+    synthetic sensor traffic. Used by `edgert fleet simulate` and the fleet tests."""
+
     def __init__(self, index: int, s: SimSettings) -> None:
         self.index, self.s = index, s
         self.id = f"{s.prefix}-{index:03d}"

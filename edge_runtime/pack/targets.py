@@ -1,15 +1,13 @@
-"""Target profiles, loaded from targets.toml (profiles are data, not code branches)."""
+"""Target profiles, loaded from contracts/targets.toml (profiles are data, not code branches)."""
 
 from __future__ import annotations
 
-import tomllib
 from functools import cache
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_PATH = Path(__file__).with_name("targets.toml")
+from edge_runtime.contracts.targets import target_table
 
 
 class TargetProfile(BaseModel):
@@ -53,8 +51,7 @@ class TargetProfile(BaseModel):
 
 @cache
 def targets() -> dict[str, TargetProfile]:
-    raw = tomllib.loads(_PATH.read_text())
-    return {name: TargetProfile(name=name, **fields) for name, fields in raw.items()}
+    return {name: TargetProfile(name=name, **fields) for name, fields in target_table().items()}
 
 
 def get_target(name: str) -> TargetProfile:

@@ -26,10 +26,11 @@ import numpy as np
 from rich.console import Console
 
 from edge_runtime.backends import BackendOptions, create_backend
-from edge_runtime.contracts.bundle import BundleManifest, PreprocessSpec, TensorSpec, load_private_key, write_bundle
+from edge_runtime.contracts.bundle import PreprocessSpec, TensorSpec
 from edge_runtime.pack import toolenv
-from edge_runtime.pack.datasets import Sample, load_samples
-from edge_runtime.pack.report import render_report
+from edge_runtime.pack.datasets import Sample
+from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, record_gate, refuse_if_failed
+from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.tflite_inspect import describe, npu_problems
 from edge_runtime.pack.validate import compare, run_all, session
@@ -96,9 +97,7 @@ def _latency(content: bytes, samples: list[Sample], names: list[str], runs: int 
         backend.close()
 
 
-def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> Any:
-    from edge_runtime.pack.pipeline import PackError, PackResult, _digest, batching_of
-
+def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> PackResult:
     kind = source_kind(req.model)
     if req.precision != "int8":
         raise PackError(
@@ -107,12 +106,7 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
     preprocess: PreprocessSpec | None = req.preprocess
     to_nhwc: set[str] = set()
     if kind == "onnx":
-        from edge_runtime.pack.prepare import PrepareError, prepare
-
-        try:
-            prep = prepare(req.model, tmp / "prep")
-        except PrepareError as e:
-            raise PackError(str(e)) from e
+        prep = prepare_onnx(req, tmp)
         source_specs = prep.inputs
         output_names = [o.name for o in prep.outputs]
         to_nhwc = {s.name for s in source_specs if len(s.shape) == 4}
@@ -125,11 +119,7 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
         output_names = list(probe.get("output_names") or [])
         tool_source = req.model
 
-    calib = load_samples(req.calib, source_specs, preprocess, req.max_calib)
-    evals = load_samples(req.eval, source_specs, preprocess, req.max_eval)
-    shared = _digest(calib) & _digest(evals)
-    if shared:
-        raise PackError(f"the evaluation set shares {len(shared)} samples with the calibration set")
+    calib, evals = load_held_out(req, source_specs, console)
     calib_t, evals_t = _nhwc(calib, to_nhwc), _nhwc(evals, to_nhwc)
     stacked = {k: np.concatenate([s.feeds[k] for s in calib_t]) for k in calib_t[0].feeds}
     np.savez(tmp / "calib.npz", **stacked)  # type: ignore[arg-type]
@@ -172,7 +162,7 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
     report = compare(reference, candidate, output_names, evals, req.labels)
     failures = req.gate.check(report)
     desc = describe(int8)
-    report["gate"] = {**req.gate.__dict__, "passed": not failures, "failures": failures}
+    record_gate(req, report, failures)
     report["recovery"] = {
         "attempts": [{"op_types": "all", "kept_float": [], "failures": failures}],
         "kept_float": [],
@@ -200,8 +190,7 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
             "CPU):\n  " + "\n  ".join(problems[:40]),
             report,
         )
-    if failures:
-        raise PackError("accuracy gate failed: " + "; ".join(failures) + " (no bundle written)", report)
+    refuse_if_failed(report, failures)
     report["size"]["gzip_ratio"] = report["size"]["reference_gzip_bytes"] / report["size"]["candidate_gzip_bytes"]
     report["latency_ms"] = {  # LiteRT, static batch 1
         "reference": {"batch1": _latency(flt, evals_t, names), "batch8": None},
@@ -259,9 +248,4 @@ def pack_tflite(req: Any, profile: TargetProfile, tmp: Path, console: Console, c
         "key_id": "",
     }
     files = {"model.tflite": int8}
-    draft = BundleManifest.model_validate({**fields, "files": [], "created": "now"})
-    out = req.out or cwd / draft.filename
-    files["report.md"] = render_report(draft, report).encode()
-    manifest = write_bundle(out, fields, files, load_private_key(req.key))
-    console.log(f"wrote {out} ({out.stat().st_size} bytes, signed by key {manifest.key_id})")
-    return PackResult(out, manifest, report)
+    return finish(req, fields, files, report, cwd, console)

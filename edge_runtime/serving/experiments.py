@@ -18,15 +18,14 @@ import math
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import numpy as np
 
-from edge_runtime.serving.health import VersionStats
-
-if TYPE_CHECKING:
-    from edge_runtime.serving.batcher import Batcher
-    from edge_runtime.serving.runtime import ModelVersion
+from edge_runtime.contracts.fleet import ExperimentKind, ExperimentReport, ShadowFigures
+from edge_runtime.serving.batcher import Batcher, BatchSettings
+from edge_runtime.serving.stats import VersionStats
+from edge_runtime.serving.versions import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,8 @@ KINDS = ("shadow", "ab")
 
 
 class ShadowStats:
+    """Row-by-row comparison of the served and the shadow version's outputs on the same inputs."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.rows = 0  # rows both versions computed and were compared
@@ -63,26 +64,35 @@ class ShadowStats:
                     self.classified += int(ok.sum())
                     self.agree += int((a[ok].argmax(axis=1) == b[ok].argmax(axis=1)).sum())
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ShadowFigures:
         with self._lock:
-            return {
-                "rows": self.rows,
-                "classified": self.classified,
-                "agree_top1": self.agree,
-                "top1_agreement": self.agree / self.classified if self.classified else None,
-                "abs_diff_sum": self.abs_diff_sum,
-                "abs_diff_n": self.abs_diff_n,
-                "mean_abs_diff": self.abs_diff_sum / self.abs_diff_n if self.abs_diff_n else None,
-                "max_abs_diff": self.max_abs_diff,
-                "dropped": self.dropped,
-                "shadow_errors": self.shadow_errors,
-            }
+            return ShadowFigures(
+                rows=self.rows,
+                classified=self.classified,
+                agree_top1=self.agree,
+                top1_agreement=self.agree / self.classified if self.classified else None,
+                abs_diff_sum=self.abs_diff_sum,
+                abs_diff_n=self.abs_diff_n,
+                mean_abs_diff=self.abs_diff_sum / self.abs_diff_n if self.abs_diff_n else None,
+                max_abs_diff=self.max_abs_diff,
+                dropped=self.dropped,
+                shadow_errors=self.shadow_errors,
+            )
 
 
 class Experiment:
     """One running experiment of a model; created and ended by the Runtime."""
 
-    def __init__(self, kind: str, served: str, variant: ModelVersion, split: float = 0.0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        served: str,
+        variant: ModelVersion,
+        split: float = 0.0,
+        settings: BatchSettings | None = None,
+        rows_of: Callable[[dict[str, np.ndarray]], int] = lambda feeds: 1,
+        name: str = "",
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"experiment kind must be one of {KINDS}, got {kind!r}")
         if kind == "ab" and not 0.0 <= split <= 1.0:
@@ -93,7 +103,11 @@ class Experiment:
         self.shadow = ShadowStats()
         self._count = 0
         self._lock = threading.Lock()
-        self.batcher: Batcher | None = None  # ab: the variant's own batcher
+        self._rows_of = rows_of
+        # A/B: the variant serves its share through its own batcher (a batch never mixes versions).
+        self.batcher: Batcher | None = (
+            Batcher(self._run_variant, settings or BatchSettings(), name=f"{name}-ab") if kind == "ab" else None
+        )
         self._queue: queue.Queue[tuple[dict[str, np.ndarray], np.ndarray] | None] = queue.Queue(maxsize=64)
         self._worker: threading.Thread | None = None
         if kind == "shadow":
@@ -123,6 +137,21 @@ class Experiment:
                 with self.shadow._lock:
                     self.shadow.dropped += rows
 
+    def _run_variant(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A/B: one batch routed to the variant."""
+        rows = self._rows_of(feeds)
+        t0 = time.perf_counter()
+        try:
+            out = self.variant.run(feeds)
+        except Exception:
+            self.variant.stats.record_error(rows)
+            self.observe_error(self.version, rows)
+            raise
+        seconds = time.perf_counter() - t0
+        self.variant.stats.record(rows, seconds, out)
+        self.observe_served(self.version, rows, seconds, feeds, out)
+        return out
+
     def observe_error(self, version: str, rows: int) -> None:
         stats = self.stats.get(version)
         if stats is not None:
@@ -147,18 +176,16 @@ class Experiment:
             self.stats[self.variant.version].record(rows, time.perf_counter() - t0, out)
             self.shadow.compare(served, next(iter(out.values())))
 
-    def snapshot(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "kind": self.kind,
-            "served": self.served,
-            "variant": self.variant.version,
-            "variants": {v: s.snapshot() for v, s in self.stats.items()},
-        }
-        if self.kind == "ab":
-            d["split"] = self.split
-        else:
-            d["shadow"] = self.shadow.snapshot()
-        return d
+    def snapshot(self) -> ExperimentReport:
+        ab = self.kind == "ab"
+        return ExperimentReport(
+            kind=ExperimentKind(self.kind),
+            served=self.served,
+            variant=self.variant.version,
+            variants={v: s.snapshot() for v, s in self.stats.items()},
+            split=self.split if ab else None,
+            shadow=None if ab else self.shadow.snapshot(),
+        )
 
     def close(self) -> None:
         if self.batcher is not None:

@@ -8,7 +8,6 @@ then frees it. The daemon, the agent and scripts all drive models through this c
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -21,16 +20,28 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime.backends import Backend, BackendOptions, create_backend
+from edge_runtime.backends import BackendOptions
 from edge_runtime.contracts.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
+from edge_runtime.contracts.fleet import ExperimentReport
 from edge_runtime.serving.batcher import Batcher, BatchObserver, BatchSettings
 from edge_runtime.serving.cache import PredictionCache
 from edge_runtime.serving.experiments import Experiment
-from edge_runtime.serving.health import VersionStats
 from edge_runtime.serving.metrics import BATCH_BUCKETS, Registry, rss_bytes
 from edge_runtime.serving.tensors import InputError, check_inputs
+from edge_runtime.serving.versions import ModelVersion
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A queued request: the version it was routed to and the future of its outputs."""
+
+    future: Future[dict[str, np.ndarray]]
+    version: str
+
+    def result(self, timeout: float | None = None) -> dict[str, np.ndarray]:
+        return self.future.result(timeout)
 
 
 class ModelNotFoundError(KeyError):
@@ -65,67 +76,6 @@ class RuntimeMetrics:
         self.cache_hits = r.counter("edgert_cache_hits_total", "Requests answered from the prediction cache", m)
         self.cache_misses = r.counter("edgert_cache_misses_total", "Cacheable requests that were computed", m)
         r.on_collect(lambda: self.rss.set(rss_bytes()))
-
-
-class ModelVersion:
-    """One loaded, warmed version of a model. Counts in-flight runs so a swap can drain it."""
-
-    def __init__(self, bundle: Bundle, options: BackendOptions) -> None:
-        self.manifest: BundleManifest = bundle.manifest
-        self.bundle_sha256 = bundle.sha256
-        t0 = time.perf_counter()
-        self.backend: Backend = create_backend(self.manifest.runtime, bundle.model_bytes, options)
-        self.load_s = time.perf_counter() - t0
-        self.output_names = [o.name for o in self.manifest.outputs]
-        self.stats = VersionStats()
-        self._inflight = 0
-        self._idle = threading.Condition()
-        self.warmup = _warmup_sample(bundle)
-        t0 = time.perf_counter()
-        if self.warmup is not None:
-            self.run(self.warmup)
-        self.warm_s = time.perf_counter() - t0
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._idle:
-            self._inflight += 1
-        try:
-            return dict(zip(self.output_names, self.backend.run(feeds), strict=True))
-        finally:
-            with self._idle:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._idle.notify_all()
-
-    def drain(self, timeout: float = 60.0) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
-
-    def close(self) -> None:
-        self.backend.close()
-
-
-def _warmup_sample(bundle: Bundle) -> dict[str, np.ndarray] | None:
-    name = bundle.manifest.batching.get("warmup")
-    if name and name in bundle.files:
-        with np.load(io.BytesIO(bundle.files[name]), allow_pickle=False) as z:
-            return {k: np.asarray(z[k]) for k in z.files}
-    m = bundle.manifest
-    if m.preprocess is not None and len(m.inputs) == 1:
-        w, h = m.preprocess.size
-        shape = [1, 3, h, w] if m.preprocess.layout == "nchw" else [1, h, w, 3]
-        return {m.inputs[0].name: np.zeros(shape, m.inputs[0].dtype)}
-    feeds = {}
-    for spec in m.inputs:
-        if any(isinstance(d, str) for d in spec.shape[1:]):
-            return None  # free spatial dims and no sample: nothing safe to warm with
-        shape = [1 if isinstance(d, str) else d for d in spec.shape]
-        feeds[spec.name] = np.zeros(shape, spec.dtype)
-    return feeds
 
 
 class ModelHandle:
@@ -163,8 +113,7 @@ class ModelHandle:
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         version = self.current  # read once: a swap mid-batch cannot mix versions
-        first = next(iter(feeds.values()))
-        rows = int(first.shape[0]) if first.ndim and self.settings.batchable else 1
+        rows = self.rows_of(feeds)
         exp = self.experiment
         t0 = time.perf_counter()
         try:
@@ -183,21 +132,9 @@ class ModelHandle:
             self._metrics.nonfinite.inc(model=self.name)
         return out
 
-    def _run_variant(self, exp: Experiment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A/B: a batch routed to the variant (its own batcher)."""
+    def rows_of(self, feeds: dict[str, np.ndarray]) -> int:
         first = next(iter(feeds.values()))
-        rows = int(first.shape[0]) if first.ndim and self.settings.batchable else 1
-        t0 = time.perf_counter()
-        try:
-            out = exp.variant.run(feeds)
-        except Exception:
-            exp.variant.stats.record_error(rows)
-            exp.observe_error(exp.version, rows)
-            raise
-        seconds = time.perf_counter() - t0
-        exp.variant.stats.record(rows, seconds, out)
-        exp.observe_served(exp.version, rows, seconds, feeds, out)
-        return out
+        return int(first.shape[0]) if first.ndim and self.settings.batchable else 1
 
     def _on_batch(self, rows: int, compute_s: float) -> None:
         self._metrics.batch_size.observe(rows, model=self.name)
@@ -212,9 +149,9 @@ class ModelHandle:
 def batch_settings_for(manifest: BundleManifest, base: BatchSettings) -> BatchSettings:
     """Narrow the configured settings to what the model can take."""
     b = manifest.batching
-    if not b.get("batchable", True):
+    if not b.batchable:
         return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, batchable=False)
-    cap = int(b.get("max_batch") or 0)
+    cap = b.max_batch
     max_batch = min(base.max_batch, cap) if cap else base.max_batch
     preferred = tuple(p for p in base.preferred if p <= max_batch)
     return BatchSettings(max_batch, base.max_delay_ms, preferred, base.max_queue, base.timeout_ms, True)
@@ -257,8 +194,8 @@ class Runtime:
         m = bundle.manifest
         opts = BackendOptions(
             threads=self.threads,
-            providers=list(m.runtime_options.get("providers") or ["CPUExecutionProvider"]),
-            provider_options=dict(m.runtime_options.get("provider_options") or {}),
+            providers=list(m.runtime_options.providers or ["CPUExecutionProvider"]),
+            provider_options=dict(m.runtime_options.provider_options),
             delegate=self.delegate,
             spin=self.spin,
         )
@@ -368,16 +305,20 @@ class Runtime:
         if [i.model_dump() for i in bundle.manifest.inputs] != [i.model_dump() for i in handle.inputs]:
             raise InputError(f"variant {bundle.manifest.version} of {handle.name} has different inputs")
         self.stop_experiment(handle.name)
-        exp = Experiment(kind, handle.current.version, self._load_version(bundle), split)
-        if kind == "ab":
-            exp.batcher = Batcher(
-                lambda feeds: handle._run_variant(exp, feeds), handle.settings, name=f"{handle.name}-ab"
-            )
+        exp = Experiment(
+            kind,
+            handle.current.version,
+            self._load_version(bundle),
+            split,
+            handle.settings,
+            handle.rows_of,
+            handle.name,
+        )
         handle.experiment = exp
         log.info("%s experiment on %s: %s beside %s", kind, handle.name, exp.version, exp.served)
         return exp
 
-    def stop_experiment(self, name: str) -> dict[str, Any] | None:
+    def stop_experiment(self, name: str) -> ExperimentReport | None:
         """End the model's experiment; returns its final figures (None if there was none)."""
         handle = self.get(name)
         exp, handle.experiment = handle.experiment, None
@@ -427,8 +368,9 @@ class Runtime:
         feeds: dict[str, np.ndarray],
         version: str | None = None,
         timeout_ms: float | None = None,
-    ) -> Future[dict[str, np.ndarray]]:
-        """Validate and queue a request on the model's batcher; the future holds the outputs."""
+    ) -> Submission:
+        """Validate and queue a request on the model's batcher; the submission names the version it
+        was routed to (the A/B variant, or the served version) and holds the outputs' future."""
         handle = self.get(name, version)
         self.metrics.requests.inc(model=name)
         try:
@@ -444,7 +386,7 @@ class Runtime:
                 self.metrics.cache_hits.inc(model=name)
                 done: Future[dict[str, np.ndarray]] = Future()
                 done.set_result(hit)
-                return done
+                return Submission(done, handle.current.version)
             self.metrics.cache_misses.inc(model=name)
         rows = batch or 1
         if handle.settings.batchable and rows > handle.settings.max_batch:
@@ -456,10 +398,10 @@ class Runtime:
             if variant:
                 assert exp is not None and exp.batcher is not None
                 fut = exp.batcher.submit(feeds, rows, timeout_ms)
-                fut.served_version = exp.version  # type: ignore[attr-defined]
+                routed = exp.version
             else:
                 fut = handle.batcher.submit(feeds, rows, timeout_ms)
-                fut.served_version = handle.current.version  # type: ignore[attr-defined]
+                routed = handle.current.version
         except Exception:
             self.metrics.rejected.inc(model=name, reason="queue_full")
             raise
@@ -468,7 +410,7 @@ class Runtime:
         if key is not None and handle.cache is not None:
             cache = handle.cache
             fut.add_done_callback(lambda f: cache.put(key, f.result()) if f.exception() is None else None)
-        return fut
+        return Submission(fut, routed)
 
     def _count_failure(self, name: str, fut: Future[Any]) -> None:
         if fut.exception() is not None:
@@ -487,6 +429,5 @@ class Runtime:
             if len(specs) != 1:
                 raise InputError(f"model {name!r} has {len(specs)} inputs; pass a dict keyed by input name")
             feeds = {specs[0].name: feeds}
-        fut = self.submit(name, feeds, version, timeout_ms)
         wait = (timeout_ms or self.batching.timeout_ms) / 1000.0 + 30.0
-        return fut.result(timeout=wait)
+        return self.submit(name, feeds, version, timeout_ms).result(timeout=wait)

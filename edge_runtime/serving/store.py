@@ -21,27 +21,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.contracts.bundle import Bundle, BundleError, load_public_keys, read_bundle
+from edge_runtime.contracts.durable import atomic_write, fsync_dir
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgert")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -52,6 +34,12 @@ class InstalledModel:
 
 
 class ModelStore:
+    """The on-disk model store: trusted keys, verified bundles, active pointers, the update journal and
+    the rollback history.
+
+    Owns every file under the state dir's keys/ and models/ and writes them crash-safely. Never
+    loads a model into memory (the Runtime does) and never decides which version to run."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.keys_dir = self.root / "keys"

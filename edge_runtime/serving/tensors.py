@@ -1,4 +1,4 @@
-"""Tensor specs against real arrays: dtype names, and input checks whose errors name the
+"""Tensor specs against real arrays: input checks whose errors name the
 expected and the received (used by the Runtime, the HTTP API and the frame sources)."""
 
 from __future__ import annotations
@@ -6,23 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from edge_runtime.contracts.bundle import TensorSpec
-
-# Open Inference Protocol v2 datatypes <-> numpy.
-OIP_TO_NUMPY = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-NUMPY_TO_OIP = {v: k for k, v in OIP_TO_NUMPY.items()}
 
 
 class InputError(ValueError):

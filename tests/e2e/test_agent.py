@@ -196,7 +196,7 @@ def test_device_cannot_publish_as_another(broker: Broker) -> None:
 def test_bundle_ref_shape(tmp_path: Path, keys: Path) -> None:
     b = make_bundle(tmp_path / "b.edgepkg", keys / "signing.key", "1.0.0")
     ref = bundle_ref(b, chunk_size=1000)
-    assert ref["size"] == b.stat().st_size and len(ref["chunks"]) == -(-ref["size"] // 1000)
+    assert ref.size == b.stat().st_size and len(ref.chunks) == -(-ref.size // 1000)
 
 
 def _desired(d: Device, fleet_key: Path, models: dict[str, Any]) -> None:
@@ -226,7 +226,7 @@ def test_bad_bundles_refused_before_touching_active(
         b.write_bytes(data[: len(data) // 2])
     ref = bundle_ref(b, chunked=False, url=b.resolve().as_uri())
     if case == "wrong-hash":
-        ref["sha256"] = "0" * 64
+        ref = ref.model_copy(update={"sha256": "0" * 64})
     _desired(device, fleet_key, {"cls": {"version": version, "bundle": ref}})
     refused = device.wait_event("update-refused")
     expected = {"tampered": "sha256 mismatch", "wrong-key": "does not verify", "wrong-target": "targets arm64-cpu",
@@ -319,14 +319,14 @@ def test_chunk_transfer_resumes_after_kill9(tmp_path: Path, broker: Broker, keys
         bundle = make_bundle(d.tmp / "cls-1.1.0.edgepkg", keys / "signing.key", "1.1.0")
         data = bundle.read_bytes()
         ref = bundle_ref(bundle, chunk_size=2048)
-        n = len(ref["chunks"])
+        n = len(ref.chunks)
         first = n // 2
         for i in range(first):  # only the first half is on the broker yet
             d.ctl.publish(
-                f"edgert/v1/bundles/{ref['sha256']}/{i}", data[i * 2048 : (i + 1) * 2048], qos=1, retain=True
+                f"edgert/v1/bundles/{ref.sha256}/{i}", data[i * 2048 : (i + 1) * 2048], qos=1, retain=True
             ).wait_for_publish(5)
         _desired(d, fleet_key, {"cls": {"version": "1.1.0", "bundle": ref, "health": HEALTH}})
-        chunk_dir = d.state / "downloads" / ref["sha256"]
+        chunk_dir = d.state / "downloads" / ref.sha256
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and len(list(chunk_dir.glob("*.chunk"))) < first:
             time.sleep(0.1)
@@ -340,7 +340,7 @@ def test_chunk_transfer_resumes_after_kill9(tmp_path: Path, broker: Broker, keys
         assert len(list(chunk_dir.glob("*.chunk"))) == first  # kept across the kill
         for i in range(first, n):
             d.ctl.publish(
-                f"edgert/v1/bundles/{ref['sha256']}/{i}", data[i * 2048 : (i + 1) * 2048], qos=1, retain=True
+                f"edgert/v1/bundles/{ref.sha256}/{i}", data[i * 2048 : (i + 1) * 2048], qos=1, retain=True
             ).wait_for_publish(5)
         d._stop.clear()
         d._thread = threading.Thread(target=d._load, daemon=True)

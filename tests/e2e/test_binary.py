@@ -69,4 +69,20 @@ def test_binary_serves_under_env_i(binary: Path, tmp_path: Path, orientation_bun
 def test_binary_has_no_host_tools(binary: Path, tmp_path: Path) -> None:
     args = ["pack", "m.onnx", "--target", "x86-cpu", "--calib", ".", "--eval", ".", "--name", "m", "--version", "1.0.0"]
     proc = subprocess.run(["env", "-i", str(binary), *args, "--key", "k"], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 1 and "no host tools" in proc.stderr
+    assert proc.returncode == 1 and "not in this build" in proc.stderr, proc.stderr
+    proc = subprocess.run(["env", "-i", str(binary), "fleet", "devices"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1 and "not in this build" in proc.stderr, proc.stderr
+
+
+def test_binary_contents_are_the_device_side_only(binary: Path) -> None:
+    """The PyInstaller spec excludes the host folders whole: list what the binary really holds."""
+    lister = [str(REPO / ".venv-build" / "bin" / "python"), str(REPO / "packaging" / "list-binary.py"), str(binary)]
+    mods = subprocess.run(lister, capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    ours = [m for m in mods if m.startswith("edge_runtime")]
+    print(f"{len(ours)} edge_runtime modules in the binary: {' '.join(ours)}")
+    host = [m for m in ours if m.startswith(("edge_runtime.pack", "edge_runtime.fleet", "edge_runtime.flash",
+                                             "edge_runtime.cli.host"))]  # fmt: skip
+    assert host == [], host
+    assert {"edge_runtime.device.daemon", "edge_runtime.device.agent.session", "edge_runtime.serving.runtime",
+            "edge_runtime.contracts.fleet", "edge_runtime.backends.onnxruntime"} <= set(ours)  # fmt: skip
+    assert not [m for m in mods if m.split(".")[0] in ("onnx", "tensorflow", "onnx2tf", "sympy", "matplotlib")]

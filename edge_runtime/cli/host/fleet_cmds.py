@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_runtime.contracts.bundle import load_private_key
+from edge_runtime.contracts.fleet import dump
 from edge_runtime.fleet.controller import Controller, FleetError, RolloutParams
 from edge_runtime.fleet.db import ControllerDB, Rollout
 from edge_runtime.fleet.link import BrokerAuth, DeviceView, FleetLink
@@ -65,20 +66,20 @@ def _run(args: argparse.Namespace, need_key: bool, fn: Any) -> int:
 
 
 def device_json(v: DeviceView) -> dict[str, Any]:
+    st = v.state
     models = {}
-    for name, m in (v.state.get("models") or {}).items():
-        live = m.get("live") or {}
-        rows = int(live.get("rows") or 0)
+    for name, m in (st.models if st is not None else {}).items():
+        rows = m.live.rows if m.live is not None else 0
         models[name] = {
-            "serving": v.serving(name),
-            "active": m.get("version"),
-            "standby": m.get("standby"),
-            "pending": m.get("pending"),
-            "outcome": m.get("outcome"),
-            "experiment": (m.get("experiment") or {}).get("kind"),
+            "serving": m.served,
+            "active": m.version,
+            "standby": m.standby,
+            "pending": dump(m.pending) if m.pending else None,
+            "outcome": dump(m.outcome) if m.outcome else None,
+            "experiment": m.experiment.kind.value if m.experiment else None,
             "rows": rows,
-            "error_rate": (int(live.get("errors") or 0) + int(live.get("nonfinite") or 0)) / rows if rows else None,
-            "p95_ms": live.get("p95_ms"),
+            "error_rate": (m.live.errors + m.live.nonfinite) / rows if m.live is not None and rows else None,
+            "p95_ms": m.live.p95_ms if m.live is not None else None,
         }
     return {
         "id": v.id,
@@ -86,11 +87,11 @@ def device_json(v: DeviceView) -> dict[str, Any]:
         "online": v.online,
         "last_seen": v.last_seen,
         "edgert": v.edgert,
-        "target": v.state.get("target"),
+        "target": st.target if st else None,
         "models": models,
-        "outbox": v.state.get("outbox"),
-        "control_refused": v.state.get("control_refused") or {},
-        "last_rollback": v.state.get("last_rollback"),
+        "outbox": dump(st.outbox) if st else None,
+        "control_refused": st.control_refused if st else {},
+        "last_rollback": dump(st.last_rollback) if st and st.last_rollback else None,
     }
 
 
@@ -125,7 +126,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 ago,
                 models or "-",
                 "; ".join(health) or "ok",
-                str((d["outbox"] or {}).get("pending", "-")),
+                str(d["outbox"]["depth"]) if d["outbox"] else "-",
                 str(sum(d["control_refused"].values())),
             )
         out.print(t)

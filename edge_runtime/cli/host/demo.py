@@ -7,8 +7,10 @@ machine, verifies it, loads it into the Runtime and runs it on sample frames.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -126,3 +128,15 @@ def serve_live(workdir: Path, bundle: Path, trust: Path, frames: Path, console: 
         f"{len(shown)} frames served, {ok} correct; one HTTP request (binary tensors) took {http_ms:.2f} ms; "
         f"metrics lines: {len(metrics.splitlines())}"
     )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_runtime.cli.console import console
+
+    return run_demo(Path(args.workdir), console)
+
+
+def add_parser(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="fetch a real model, pack it, verify, load and run it")
+    demo.add_argument("--workdir", default="out/demo")
+    demo.set_defaults(func=cmd_demo)

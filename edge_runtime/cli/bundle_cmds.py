@@ -1,0 +1,122 @@
+"""Bundle and key commands, needed on both sides: `keys generate`, `verify`, `inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.cli.console import console, fail
+from edge_runtime.contracts.bundle import BundleError, generate_keypair, load_public_keys, peek_manifest, read_bundle
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    priv, pub = generate_keypair(Path(args.out))
+    console.print(f"wrote {priv} (private, mode 0600) and {pub}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        bundle = read_bundle(Path(args.bundle), load_public_keys(args.key))
+    except BundleError as e:
+        return fail(f"REFUSED {args.bundle}: {e}")
+    m = bundle.manifest
+    console.print(f"OK {args.bundle}: {m.name} {m.version} for {m.target}, signed by key {bundle.signer}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.suffix == ".onnx":
+        return _inspect_onnx(path, args.json)
+    if path.suffix == ".tflite":
+        return _inspect_tflite(path, args.json)
+    verified = False
+    try:
+        if args.key:
+            bundle = read_bundle(path, load_public_keys(args.key))
+            manifest, verified = bundle.manifest, True
+            report = bundle.files.get("report.md", b"").decode()
+        else:
+            manifest, report = peek_manifest(path), ""
+    except BundleError as e:
+        return fail(f"edgert inspect: {e}")
+    if args.json:
+        out = {
+            "verified": verified,
+            "manifest": manifest.model_dump(mode="json"),
+            "report": manifest.validation,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    if not verified:
+        console.print("[yellow]signature NOT verified (pass --key PUB to verify)[/yellow]")
+    print(report or json.dumps(manifest.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _inspect_tflite(path: Path, as_json: bool) -> int:
+    from edge_runtime.pack.targets import get_target
+    from edge_runtime.pack.tflite_inspect import describe, npu_problems, render
+
+    try:
+        desc = describe(path.read_bytes())
+    except (ValueError, RuntimeError, OSError) as e:
+        return fail(f"edgert inspect: {path} is not a TFLite model LiteRT can read: {e}")
+    problems = npu_problems(desc, get_target("npu"))
+    if as_json:
+        print(json.dumps({**desc, "tensors": list(desc["tensors"].values()), "npu_problems": problems}, indent=1))
+        return 0
+    print(render(desc))
+    print(f"npu profile: {'ok' if not problems else f'{len(problems)} problems'}")
+    for line in problems[:20]:
+        print(f"  {line}")
+    return 0
+
+
+def _inspect_onnx(path: Path, as_json: bool) -> int:
+    from edge_runtime.pack.prepare import PrepareError, graph_inputs, load_checked, op_histogram, tensor_specs
+    from edge_runtime.pack.targets import targets
+
+    try:
+        model = load_checked(path)
+    except PrepareError as e:
+        return fail(f"edgert inspect: {e}")
+    ops = op_histogram(model)
+    out = {
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+        "inputs": [t.model_dump() for t in tensor_specs(graph_inputs(model))],
+        "outputs": [t.model_dump() for t in tensor_specs(model.graph.output)],
+        "ops": ops,
+        "unsupported": {name: t.unsupported(ops) for name, t in targets().items()},
+    }
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def add_keys(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    gen = keys.add_parser("generate", help="write DIR/signing.key (0600) and DIR/signing.pub")
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(func=cmd_keys)
+
+
+def add_verify(sub: Any) -> None:
+    vf = sub.add_parser("verify", help="exit 0 only for an intact bundle signed by a trusted key")
+    vf.add_argument("bundle")
+    vf.add_argument("--key", required=True, action="append", help="trusted public key (file or dir); repeatable")
+    vf.set_defaults(func=cmd_verify)
+
+
+def add_inspect(sub: Any) -> None:
+    ins = sub.add_parser("inspect", help="show a bundle's manifest and report, or an ONNX model's ops")
+    ins.add_argument("path")
+    ins.add_argument("--key", action="append", help="verify the signature with this public key")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)

@@ -1,0 +1,143 @@
+"""Device-side commands: `install`, `serve`, `status`, `infer` (offline scoring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.cli.console import console, fail
+from edge_runtime.contracts.bundle import BundleError, load_public_keys
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from edge_runtime.serving.store import ModelStore
+
+    store = ModelStore(Path(args.state_dir))
+    try:
+        for pub in args.trust or []:
+            store.trust(Path(pub))
+        bundle = store.install(Path(args.bundle))
+    except (BundleError, OSError) as e:
+        return fail(f"REFUSED {args.bundle}: {e}")
+    m = bundle.manifest
+    console.print(f"installed {m.name} {m.version} ({m.target}) into {store.root}; active")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edge_runtime.device.config import SERVE_FLAGS, ConfigError, load_config
+    from edge_runtime.device.daemon import Daemon
+
+    overrides = {path: getattr(args, path.replace(".", "__")) for path in SERVE_FLAGS.values()}
+    if not args.mqtt__url:  # without --mqtt the daemon is offline: the fleet flags do not apply
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("mqtt.")}
+    try:
+        config = load_config(Path(args.config) if args.config else None, overrides)
+        daemon = Daemon(config)
+    except (ConfigError, OSError, BundleError) as e:
+        return fail(f"edgert serve: {e}")
+    try:
+        return daemon.run()
+    except (BundleError, RuntimeError, ValueError) as e:
+        return fail(f"edgert serve: cannot load models: {e}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edge_runtime.contracts.fleet import dump
+    from edge_runtime.device.agent.outbox import Outbox
+    from edge_runtime.device.agent.records import AgentRecords
+    from edge_runtime.device.agent.state import device_state
+    from edge_runtime.serving.store import ModelStore
+
+    root = Path(args.state_dir)
+    if not root.is_dir():
+        return fail(f"edgert status: {root} is not a state directory")
+    store = ModelStore(root)
+    outbox = (
+        Outbox(root / "outbox.db").stats() if (root / "outbox.db").exists() else {"depth": 0, "bytes": 0, "dropped": 0}
+    )
+    records = AgentRecords(root / "agent")
+    seqs = root / "agent" / "control-seq.json"
+    state = device_state(
+        store, outbox, records.refusals(), "", "", "", json.loads(seqs.read_text()) if seqs.exists() else {},
+        outcomes=records.outcome_of(),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(dump(state), indent=2))
+    else:
+        for name, m in state.models.items():
+            print(f"{name}: active {m.version}, staged {m.staged or '-'}" + (" (update pending)" if m.pending else ""))
+        o = state.outbox
+        print(f"outbox: {o.depth} records, {o.bytes} bytes, {o.dropped} dropped")
+        last = state.last_rollback
+        print(f"last rollback: {dump(last) if last else 'none'}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from edge_runtime.device.offline_scoring import run_batch
+    from edge_runtime.serving.batcher import BatchSettings
+    from edge_runtime.serving.runtime import Runtime
+
+    try:
+        runtime = Runtime(
+            load_public_keys(args.key), threads=args.threads, batching=BatchSettings(max_batch=args.batch)
+        )
+        handle = runtime.load(Path(args.bundle))
+        n = run_batch(runtime, handle.name, Path(args.input), Path(args.out), Path(args.csv) if args.csv else None)
+    except (BundleError, ValueError, OSError) as e:
+        return fail(f"edgert infer: {e}")
+    console.print(f"scored {n} new items into {args.out}")
+    runtime.close()
+    return 0
+
+
+def add_install(sub: Any) -> None:
+    inst = sub.add_parser("install", help="verify a bundle and make it the active version in a state dir")
+    inst.add_argument("bundle")
+    inst.add_argument("--state-dir", required=True)
+    inst.add_argument("--trust", action="append", help="public key to trust (copied into STATE/keys)")
+    inst.set_defaults(func=cmd_install)
+
+
+def add_serve(sub: Any) -> None:
+    from edge_runtime.contracts.targets import target_names
+    from edge_runtime.device.config import SERVE_FLAGS, config_field
+
+    sv = sub.add_parser("serve", help="the on-device daemon (Open Inference Protocol v2 over HTTP)")
+    sv.add_argument("--config", help="YAML config (unknown keys are errors)")
+    fleet = sv.add_argument_group("fleet (MQTT); without --mqtt the daemon is fully offline")
+    for flag, path in SERVE_FLAGS.items():
+        description, kind = config_field(path)
+        group = fleet if path.startswith("mqtt.") else sv
+        choices = target_names() if path == "target" else None
+        group.add_argument(
+            flag,
+            dest=path.replace(".", "__"),
+            metavar=None if choices else path.rpartition(".")[2].upper(),
+            type=kind,
+            choices=choices,
+            help=f"{description} [{path}]",
+        )
+    sv.set_defaults(func=cmd_serve)
+
+
+def add_status(sub: Any) -> None:
+    st = sub.add_parser("status", help="versions, outbox and rollbacks of a state dir (no daemon needed)")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+
+def add_infer(sub: Any) -> None:
+    inf = sub.add_parser("infer", help="score an image folder, video or .npy folder offline (resumable)")
+    inf.add_argument("bundle")
+    inf.add_argument("input")
+    inf.add_argument("-o", "--out", required=True, help="JSON lines output; re-running resumes it")
+    inf.add_argument("--csv", help="also write a CSV summary here")
+    inf.add_argument("--key", required=True, action="append", help="trusted public key")
+    inf.add_argument("--batch", type=int, default=16)
+    inf.add_argument("--threads", type=int, default=0)
+    inf.set_defaults(func=cmd_infer)

@@ -1,0 +1,161 @@
+"""`edgert pack` for ONNX artifacts (x86-cpu, arm64-cpu, jetson-gpu): prepare -> calibrate and
+quantize (static QDQ per-channel, or dynamic by op mix; or fp16/fp32) -> validate against fp32
+-> gate, with the recovery ladder (quantize only compute ops, then keep the most sensitive nodes
+in float) -> the shared finish (flow.py)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
+from edge_runtime.pack.prepare import compact
+from edge_runtime.pack.quantize import COMPUTE_OPS, QuantSettings, choose_mode, convert_fp16, quantize_int8
+from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
+from edge_runtime.pack.targets import TargetProfile
+from edge_runtime.pack.validate import compare, latency_ms, layer_sensitivity, run_all, session
+
+RECOVERY_STEPS = (1, 2, 4, 8, 16)
+
+
+def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> PackResult:
+    console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")
+    prep = prepare_onnx(req, tmp)
+    for note in prep.notes:
+        console.log(f"  {note}")
+    blocked = profile.unsupported(prep.ops)
+    if blocked:
+        raise PackError(f"target {profile.name} cannot run ops {blocked} ({profile.unsupported_source})")
+
+    calib, evals = load_held_out(req, prep.inputs, console)
+    output_names = [o.name for o in prep.outputs]
+    reference = run_all(session(prep.path), evals, output_names)
+
+    candidate = tmp / "model.onnx"
+    mode = choose_mode(prep.ops, profile) if req.precision == "int8" else "none"
+
+    def build(exclude: list[str], op_types: list[str] | None = None) -> tuple[QuantSettings, dict[str, Any]]:
+        if req.precision == "int8":
+            assert mode != "none"
+            progress = progress_bar(console)
+            on_sample = None
+            with progress or nullcontext():
+                if progress is not None:
+                    task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib))
+                    on_sample = lambda: progress.advance(task)  # noqa: E731
+                settings = quantize_int8(
+                    prep.path,
+                    candidate,
+                    calib,
+                    profile,
+                    mode,
+                    req.calibration,
+                    exclude,
+                    on_sample,
+                    op_types,
+                )
+        elif req.precision == "fp16":
+            settings = convert_fp16(prep.path, candidate)
+        else:
+            shutil.copyfile(prep.path, candidate)
+            settings = QuantSettings(mode="none", precision="fp32")
+        outputs = run_all(session(candidate, exact=profile.validate_exact), evals, output_names)
+        return settings, compare(reference, outputs, output_names, evals, req.labels)
+
+    settings, report = build([])
+    failures = req.gate.check(report)
+    attempts: list[dict[str, Any]] = [{"op_types": "all", "kept_float": [], "failures": failures}]
+    if failures and req.precision == "int8" and req.recover:
+        # Recovery ladder: (1) quantize only the compute ops; (2) also keep the quantized
+        # nodes that add the most measured error (on calibration data) in float.
+        console.log(f"gate failed: {'; '.join(failures)}; trying to recover")
+        settings, report = build([], COMPUTE_OPS)
+        failures = req.gate.check(report)
+        attempts.append({"op_types": COMPUTE_OPS, "kept_float": [], "failures": failures})
+        console.log(f"  quantizing only {', '.join(COMPUTE_OPS)}: {'pass' if not failures else 'fail'}")
+        if failures:
+            ranked = layer_sensitivity(prep.path, candidate, calib[:8], COMPUTE_OPS)
+            for k in RECOVERY_STEPS:
+                exclude = [n for n, _ in ranked[:k]]
+                settings, report = build(exclude, COMPUTE_OPS)
+                failures = req.gate.check(report)
+                attempts.append({"op_types": COMPUTE_OPS, "kept_float": exclude, "failures": failures})
+                console.log(f"  keeping {k} most sensitive nodes in float: {'pass' if not failures else 'fail'}")
+                if not failures:
+                    break
+    record_gate(req, report, failures)
+    report["recovery"] = {
+        "attempts": attempts,
+        "kept_float": settings.excluded_nodes,
+        "op_types": settings.op_types,
+    }
+    report["validated_with"] = "exact Q/DQ arithmetic" if profile.validate_exact else "this host's kernels"
+    shipped, reference_file = tmp / "shipped.onnx", tmp / "reference.onnx"
+    compact(candidate, shipped)
+    compact(prep.path, reference_file)  # the fp32 baseline gets the same treatment
+    ref_size, cand_size = reference_file.stat().st_size, shipped.stat().st_size
+    ref_gz, cand_gz = (len(gzip.compress(p.read_bytes(), 6)) for p in (reference_file, shipped))
+    report["size"] = {
+        "reference_bytes": ref_size,
+        "candidate_bytes": cand_size,
+        "ratio": ref_size / cand_size,
+        "reference_gzip_bytes": ref_gz,
+        "candidate_gzip_bytes": cand_gz,
+        "gzip_ratio": ref_gz / cand_gz,
+    }
+    refuse_if_failed(report, failures)
+
+    console.log("measuring latency (1 thread, batch 1 and 8)")
+    report["latency_ms"] = {
+        label: {f"batch{b}": latency_ms(session(path, 1), evals, b) for b in (1, 8)}
+        for label, path in (("reference", prep.path), ("candidate", candidate))
+    }
+    batching = batching_of(prep.inputs, prep.outputs, req.stateful)
+    if profile.batch_profile and batching["batchable"]:
+        batching["profile"] = profile.batch_profile
+    fields: dict[str, Any] = {
+        "name": req.name,
+        "version": req.version,
+        "target": profile.name,
+        "runtime": profile.runtime,
+        "model": "model.onnx",
+        "inputs": [i.model_dump() for i in prep.inputs],
+        "outputs": [o.model_dump() for o in prep.outputs],
+        "preprocess": req.preprocess.model_dump() if req.preprocess else None,
+        "labels": req.labels,
+        "precision": req.precision,
+        "quantization": {**settings.as_manifest(), "preparation": prep.notes, "ops": prep.ops},
+        "validation": report,
+        "runtime_options": {"providers": profile.providers, "provider_options": _provider_options(profile, req)},
+        "batching": batching,
+        "source_sha256": hashlib.sha256(req.model.read_bytes()).hexdigest(),
+        "key_id": "",
+    }
+    files: dict[str, bytes] = {"model.onnx": shipped.read_bytes()}
+    if req.preprocess is None:
+        # No image spec to build a warm-up tensor from (audio, state, scalars such as
+        # silero's sample rate): ship a real held-out sample to warm up with.
+        warmup = io.BytesIO()
+        np.savez(warmup, **evals[0].feeds)  # type: ignore[arg-type]
+        files["warmup.npz"] = warmup.getvalue()
+        batching["warmup"] = "warmup.npz"
+    return finish(req, fields, files, report, cwd, console)
+
+
+def _provider_options(profile: TargetProfile, req: PackRequest) -> dict[str, dict[str, Any]]:
+    """The target's provider options for this artifact: TensorRT's INT8 mode only for a Q/DQ
+    INT8 graph (an FP16 variant without Q/DQ would make TensorRT ask for a calibration table)."""
+    options = {k: dict(v) for k, v in profile.provider_options.items()}
+    trt = options.get("TensorrtExecutionProvider")
+    if trt is not None and req.precision != "int8":
+        trt["trt_int8_enable"] = False
+        trt["trt_fp16_enable"] = req.precision == "fp16"
+    return options

@@ -99,12 +99,19 @@ def orientation_bundle(
 class Daemon:
     """A real `edgert serve` process on a free loopback port; stopped by its PID."""
 
-    def __init__(self, state_dir: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        log: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "edge_runtime.cli", "serve", "--state-dir", str(state_dir),
                "--port", str(self.port), *extra]  # fmt: skip
-        self.log = open(state_dir / "daemon.log", "a")  # noqa: SIM115 - closed in stop()
+        self.log = open(log or state_dir / "daemon.log", "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         )

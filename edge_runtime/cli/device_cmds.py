@@ -12,13 +12,15 @@ from edge_runtime.contracts.bundle import BundleError, load_public_keys
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    from edge_runtime.device.config import default_target
     from edge_runtime.serving.store import ModelStore
 
     store = ModelStore(Path(args.state_dir))
     try:
         for pub in args.trust or []:
             store.trust(Path(pub))
-        bundle = store.install(Path(args.bundle))
+        bundle = store.install(Path(args.bundle), target=args.target or default_target(),
+                               allow_downgrade=args.allow_downgrade)  # fmt: skip
     except (BundleError, OSError) as e:
         return fail(f"REFUSED {args.bundle}: {e}")
     m = bundle.manifest
@@ -45,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from edge_runtime.contracts.durable import corruption_count, inspect_only, read_json_file
     from edge_runtime.contracts.fleet import dump
     from edge_runtime.device.agent.outbox import Outbox
     from edge_runtime.device.agent.records import AgentRecords
@@ -54,16 +57,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     root = Path(args.state_dir)
     if not root.is_dir():
         return fail(f"edgert status: {root} is not a state directory")
-    store = ModelStore(root)
-    outbox = (
-        Outbox(root / "outbox.db").stats() if (root / "outbox.db").exists() else {"depth": 0, "bytes": 0, "dropped": 0}
-    )
-    records = AgentRecords(root / "agent")
-    seqs = root / "agent" / "control-seq.json"
-    state = device_state(
-        store, outbox, records.refusals(), "", "", "", json.loads(seqs.read_text()) if seqs.exists() else {},
-        outcomes=records.outcome_of(),
-    )  # fmt: skip
+    with inspect_only():  # look, change nothing: corrupt files are reported, not moved
+        store = ModelStore(root)
+        try:
+            outbox = Outbox(root / "outbox.db").stats() if (root / "outbox.db").exists() else {}
+        except Exception as e:
+            outbox = {}
+            console.print(f"outbox: cannot be read ({e}); the daemon rebuilds it at start", style="yellow")
+        records = AgentRecords(root / "agent")
+        seqs = read_json_file(root / "agent" / "control-seq.json", _scope_seqs, lambda: {}, "reported")
+        state = device_state(store, outbox, records.refusals(), "", "", "", seqs, outcomes=records.outcome_of(),
+                             rebuilt=corruption_count())  # fmt: skip
     if args.json:
         print(json.dumps(dump(state), indent=2))
     else:
@@ -74,6 +78,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         last = state.last_rollback
         print(f"last rollback: {dump(last) if last else 'none'}")
     return 0
+
+
+def _scope_seqs(data: Any) -> dict[str, int]:
+    if not isinstance(data, dict):
+        raise ValueError("expected an object")
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and k != "*floor*"}
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -95,10 +105,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def add_install(sub: Any) -> None:
+    from edge_runtime.contracts.targets import target_names
+
     inst = sub.add_parser("install", help="verify a bundle and make it the active version in a state dir")
     inst.add_argument("bundle")
     inst.add_argument("--state-dir", required=True)
     inst.add_argument("--trust", action="append", help="public key to trust (copied into STATE/keys)")
+    inst.add_argument("--target", choices=target_names(), help="this device's target (default from the CPU)")
+    inst.add_argument("--allow-downgrade", action="store_true", help="install a version older than the active one")
     inst.set_defaults(func=cmd_install)
 
 

@@ -155,14 +155,14 @@ class BundleManifest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME.match(v):
+        if not NAME.fullmatch(v):
             raise ValueError(f"name {v!r} must match {NAME.pattern} (lowercase, digits, . _ -)")
         return v
 
     @field_validator("version")
     @classmethod
     def _semver(cls, v: str) -> str:
-        if not SEMVER.match(v):
+        if not SEMVER.fullmatch(v):
             raise ValueError(f"version {v!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
         return v
 
@@ -171,13 +171,18 @@ class BundleManifest(_Strict):
         return f"{self.name}-{self.version}-{self.target}.edgepkg"
 
 
-def semver_key(version: str) -> tuple[int, int, int, int, str]:
-    """Sort key for semantic versions: a pre-release sorts before its release."""
-    m = SEMVER.match(version)
+def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
+    """Sort key for semantic versions (semver.org section 11): a pre-release sorts before its
+    release; pre-release identifiers compare one by one, numbers numerically and below words
+    (1.0.0-alpha < 1.0.0-alpha.1 < 1.0.0-beta < 1.0.0-beta.2 < 1.0.0-beta.11 < 1.0.0-rc.1 < 1.0.0)."""
+    m = SEMVER.fullmatch(version)
     if not m:
         raise ValueError(f"version {version!r} is not semantic versioning")
     pre = m.group(4)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3)), 0 if pre else 1, pre or "")
+    ids: tuple[tuple[int, int | str], ...] = tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in (pre.split(".") if pre else [])
+    )
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3)), 0 if pre else 1, ids)
 
 
 # --- keys --------------------------------------------------------------------------------

@@ -270,6 +270,8 @@ class DeviceState(Strict):
     models: dict[str, ModelState] = Field(default_factory=dict)
     outbox: OutboxFigures = Field(default_factory=OutboxFigures)
     control_refused: dict[str, int] = Field(default_factory=dict)
+    errors: dict[str, int] = Field(default_factory=dict, description="failures inside the agent, by where")
+    state_files_rebuilt: int = 0
     last_rollback: RollbackRecord | None = None
     desired_seq: dict[str, int] = Field(default_factory=dict)
     ts: float = 0.0

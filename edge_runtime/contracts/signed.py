@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.contracts.bundle import key_id
+from edge_runtime.contracts.wire import WireError, parse_json
 
 MAX_CONTROL_BYTES = 256 * 1024
 
@@ -44,12 +45,10 @@ def sign(payload: Mapping[str, Any], key: Ed25519PrivateKey) -> bytes:
 
 def open_envelope(raw: bytes, keys: list[Ed25519PublicKey], scope: str, kind: str) -> dict[str, Any]:
     """Verify and return the payload, or raise ControlRefused (the sequence is checked by SeqGuard)."""
-    if len(raw) > MAX_CONTROL_BYTES:
-        raise ControlRefused("oversized", f"{len(raw)} bytes, limit {MAX_CONTROL_BYTES}")
     try:
-        env = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ControlRefused("malformed", f"not JSON: {e}") from e
+        env = parse_json(raw, MAX_CONTROL_BYTES)
+    except WireError as e:
+        raise ControlRefused("oversized" if e.reason == "oversized" else "malformed", str(e)) from e
     if not isinstance(env, dict) or not isinstance(env.get("payload"), dict):
         raise ControlRefused("malformed", "expected an envelope with a 'payload' object")
     if "sig" not in env:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -56,6 +57,9 @@ class Daemon:
         self.notifier = Notifier()
         self.agent: Any = None
         self.recovered: list[dict[str, Any]] = []
+        self.load_failures: dict[str, str] = {}  # "model version" -> why it could not load
+        self.agent_error = ""
+        self.agent_ok = True
         self.watchdog: Watchdog | None = None
 
     def trusted_keys(self) -> list[Ed25519PublicKey]:
@@ -78,15 +82,41 @@ class Daemon:
         if not installed:
             log.warning("no models installed in %s (edgert install BUNDLE --state-dir ...)", self.store.root)
         for model in installed:
-            self.notifier.status(f"loading and warming {model.name} {model.version}")
-            override = self.config.models.get(model.name)
-            settings = override.batching.settings() if override and override.batching else None
-            cache = (
-                PredictionCache(override.cache.entries, override.cache.max_age_s)
-                if override and override.cache
-                else None
-            )
-            self.runtime.load(model.path, settings, cache)
+            self._load_model(model.name, model.version)
+
+    def _load_model(self, name: str, active: str) -> None:
+        """Each model loads on its own: one that cannot load (a bit flip, a bundle for another
+        target, a missing key) is reported and the newest other installed version that loads is
+        served instead (the pointer follows, the rollback is recorded). A model with no loadable
+        version is reported and skipped: the daemon still serves the others, and the agent still
+        joins the fleet so it can be repaired remotely."""
+        override = self.config.models.get(name)
+        settings = override.batching.settings() if override and override.batching else None
+        cache = (
+            PredictionCache(override.cache.entries, override.cache.max_age_s) if override and override.cache else None
+        )
+        candidates = [active] + [v for v in self.store.installed_versions(name) if v != active]
+        first_error = ""
+        for version in candidates:
+            self.notifier.status(f"loading and warming {name} {version}")
+            try:
+                manifest = self.runtime.load(self.store.bundle_path(name, version), settings, cache).manifest
+                if manifest.target != self.config.target:
+                    self.runtime.unload(name)
+                    raise ValueError(f"bundle targets {manifest.target}, this device is {self.config.target}")
+            except Exception as e:
+                log.error("cannot load %s %s: %s", name, version, e)
+                self.load_failures[f"{name} {version}"] = str(e)[:300]
+                first_error = first_error or f"{version} failed to load at start: {e}"
+                continue
+            if version != active:
+                log.error("serving %s %s instead of %s, which cannot load", name, version, active)
+                self.store.activate(name, version)
+                self.store.record_rollback(
+                    {"model": name, "from": active, "to": version, "reason": first_error[:300], "ts": time.time()}
+                )
+            return
+        log.error("no installed version of %s can be loaded; it is not served", name)
 
     def reload(self) -> None:
         """Converge on the store's active pointers (SIGHUP): hot-swap changed versions, load new
@@ -107,8 +137,16 @@ class Daemon:
             source.start()
             self.sources.append(source)
         if self.config.mqtt is not None:
-            self.agent = self._make_agent()
-            self.agent.start()
+            try:
+                self.agent = self._make_agent()
+                self.agent.start()
+            except Exception as e:  # serve anyway: an unreachable fleet is no reason to stop answering
+                self.agent = None
+                self.agent_error = f"{type(e).__name__}: {e}"
+                log.exception("the fleet agent could not start; serving offline")
+        supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        supervisor.start()
+        self._threads.append(supervisor)
         self.state.ready.set()
         where = [f"http://{self.config.host}:{self.port}"] + ([f"unix:{self.config.uds}"] if self.config.uds else [])
         summary = f"ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}"
@@ -146,7 +184,24 @@ class Daemon:
         return agent
 
     def _progressing(self, within: float) -> bool:
-        return loop_progressing([h.last_progress for h in self.runtime.models()], within)
+        """Fed to the watchdog: every batcher progresses, and the fleet agent is alive (or could
+        be restarted). A dead agent must not hide behind an HTTP API that still answers."""
+        serving = loop_progressing([h.last_progress for h in self.runtime.models()], within)
+        if not self.agent_ok:
+            log.error("the fleet agent cannot recover: withholding watchdog pings so systemd restarts the daemon")
+        return serving and self.agent_ok
+
+    def _supervise(self) -> None:
+        """Every 2 s: the agent restarts any dead worker; ``agent_ok`` goes false when it cannot."""
+        while not self._stop.wait(2.0):
+            agent = self.agent
+            if agent is None:
+                continue
+            try:
+                self.agent_ok = bool(agent.supervise())
+            except Exception:
+                log.exception("supervising the fleet agent failed")
+                self.agent_ok = False
 
     def stop(self) -> None:
         self.state.stopping.set()

@@ -11,7 +11,9 @@ pointer is only switched after the bundle it names is fully on disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,10 +22,25 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime.contracts.bundle import Bundle, BundleError, load_public_keys, read_bundle
-from edge_runtime.contracts.durable import atomic_write, fsync_dir
+from edge_runtime.contracts.bundle import SEMVER, Bundle, BundleError, load_public_keys, read_bundle, semver_key
+from edge_runtime.contracts.durable import atomic_write, fsync_dir, read_json_file, report_corrupt
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgert")
+VERSION_TEXT = re.compile(r"^[0-9A-Za-z.+-]{1,64}$")
+log = logging.getLogger(__name__)
+
+
+def _journal(data: Any) -> dict[str, str | None]:
+    if not isinstance(data, dict) or not isinstance(data.get("to"), str):
+        raise ValueError("an update journal names the version it moves to")
+    old = data.get("from")
+    return {"from": old if isinstance(old, str) else None, "to": data["to"]}
+
+
+def _rollbacks(data: Any) -> list[dict[str, Any]]:
+    if not isinstance(data, dict) or not isinstance(data.get("rollbacks"), list):
+        raise ValueError("expected {'rollbacks': [...]}")
+    return [r for r in data["rollbacks"] if isinstance(r, dict)]
 
 
 @dataclass(frozen=True)
@@ -54,13 +71,24 @@ class ModelStore:
         atomic_write(dest, Path(public_key).read_bytes())
         return dest
 
-    def install(self, bundle_path: Path, activate: bool = True) -> Bundle:
-        """Verify against the trusted keys, copy into the store, and make it active."""
+    def install(
+        self, bundle_path: Path, activate: bool = True, target: str | None = None, allow_downgrade: bool = False
+    ) -> Bundle:
+        """Verify against the trusted keys, copy into the store, and make it active. Refused: a
+        bundle for another target (when ``target`` is given) and, unless ``allow_downgrade``, a
+        version older than the active one (the same rules the agent applies to updates)."""
         keys = self.trusted_keys()
         if not keys:
             raise BundleError(f"no trusted keys in {self.keys_dir}; pass --trust PUB")
         bundle = read_bundle(Path(bundle_path), keys)
         m = bundle.manifest
+        if target is not None and m.target != target:
+            raise BundleError(f"the bundle targets {m.target}, this device is {target} (--target)")
+        active = next((a.version for a in self.active() if a.name == m.name), None)
+        if activate and active is not None and not allow_downgrade and semver_key(m.version) < semver_key(active):
+            raise BundleError(
+                f"{m.name} {m.version} is older than the active {active}; pass --allow-downgrade to go back"
+            )
         dest = self.models_dir / m.name / f"{m.version}.edgepkg"
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -88,11 +116,10 @@ class ModelStore:
         fsync_dir(self.models_dir / name)
 
     def pending(self, name: str) -> dict[str, str | None] | None:
-        try:  # read, not exists-then-read: the updater may commit (delete it) in between
-            data: dict[str, str | None] = json.loads((self.models_dir / name / "pending.json").read_text())
-        except FileNotFoundError:
-            return None
-        return data
+        """The update journal of a model, or None. Read, never exists-then-read: the updater may
+        commit (delete it) in between. A corrupt journal is moved aside and reads as none: the
+        active pointer then decides, and a version that cannot load is replaced at start."""
+        return read_json_file(self.models_dir / name / "pending.json", _journal, lambda: None, "ignored")
 
     def recover(self) -> list[dict[str, Any]]:
         """At start: an update interrupted before its health window passed is rolled back.
@@ -118,19 +145,25 @@ class ModelStore:
             self.end_update(model.name)
         return rolled
 
+    def _history(self) -> list[dict[str, Any]]:
+        return read_json_file(self.root / "history.json", _rollbacks, list, "the rollback history starts empty")
+
     def record_rollback(self, entry: dict[str, Any]) -> None:
-        path = self.root / "history.json"
-        history = json.loads(path.read_text()) if path.exists() else {"rollbacks": []}
-        history["rollbacks"] = [*history["rollbacks"][-49:], entry]
-        atomic_write(path, json.dumps(history).encode())
+        history = {"rollbacks": [*self._history()[-49:], entry]}
+        try:
+            atomic_write(self.root / "history.json", json.dumps(history).encode())
+        except OSError as e:  # a full or read-only disk must not stop a rollback
+            log.error("cannot record the rollback in %s: %s", self.root / "history.json", e)
 
     def last_rollback(self) -> dict[str, Any] | None:
-        path = self.root / "history.json"
-        rollbacks = json.loads(path.read_text())["rollbacks"] if path.exists() else []
+        rollbacks = self._history()
         return rollbacks[-1] if rollbacks else None
 
     def installed_versions(self, name: str) -> list[str]:
-        return sorted(p.stem for p in (self.models_dir / name).glob("*.edgepkg"))
+        """Installed versions, newest first by semantic version (unparsable names last)."""
+        names = [p.stem for p in (self.models_dir / name).glob("*.edgepkg")]
+        semver = [v for v in names if SEMVER.fullmatch(v)]
+        return sorted(semver, key=semver_key, reverse=True) + sorted(v for v in names if v not in semver)
 
     def bundle_path(self, name: str, version: str) -> Path:
         return self.models_dir / name / f"{version}.edgepkg"
@@ -140,8 +173,31 @@ class ModelStore:
         if not self.models_dir.is_dir():
             return out
         for d in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
-            pointer = d / "active"
-            if pointer.exists():
-                version = pointer.read_text().strip()
+            version = self._pointer(d)
+            if version is not None:
                 out.append(InstalledModel(d.name, version, d / f"{version}.edgepkg"))
         return out
+
+    def _pointer(self, model_dir: Path) -> str | None:
+        """The active version of a model. A pointer that is garbage or names a version that is not
+        installed is moved aside and the newest installed version is used (reported)."""
+        pointer = model_dir / "active"
+        try:
+            version = pointer.read_bytes().decode().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            version, reason = "", f"unreadable: {e}"
+        else:
+            reason = f"names {version[:40]!r}, which is not installed"
+        if version and VERSION_TEXT.match(version) and (model_dir / f"{version}.edgepkg").exists():
+            return version
+        installed = self.installed_versions(model_dir.name)
+        fallback = installed[0] if installed else None
+        report_corrupt(pointer, f"active pointer {reason}", f"using {fallback or 'nothing'} (newest installed)")
+        if fallback is not None:
+            try:
+                atomic_write(pointer, fallback.encode())
+            except OSError as e:
+                log.error("cannot rewrite %s: %s", pointer, e)
+        return fallback

@@ -46,11 +46,12 @@ def test_mediapipe_models_are_served_by_the_daemon(keys: Path, tmp_path: Path) -
     state = tmp_path / "state"
     for key, name in MODELS.items():
         b = tflite_bundle(key, name, tmp_path / f"{name}.edgepkg", keys / "signing.key")
-        edgert("install", str(b), "--state-dir", str(state), "--trust", str(keys / "signing.pub"), check=True)
+        edgert("install", str(b), "--state-dir", str(state), "--trust", str(keys / "signing.pub"),
+               "--target", "arm64-cpu", check=True)  # fmt: skip
     page = samples.write_orientation_set(tmp_path / "img", 4, seed=5)
     image = read_image(next(iter((page / "0").iterdir())))
     # Configured for an NPU this machine does not have: every model falls back to XNNPACK and serves.
-    daemon = Daemon(state, "--delegate", "/nonexistent/libedgetpu.so.1")
+    daemon = Daemon(state, "--delegate", "/nonexistent/libedgetpu.so.1", "--target", "arm64-cpu")
     try:
         with Client(daemon.url) as c:
             for key, name in MODELS.items():

@@ -109,7 +109,10 @@ class Downloads:
         on_complete: Callable[[], None],
     ) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only or full: downloads fail (and are reported) when one is needed
+            log.error("cannot create %s: %s", root, e)
         self._subscribe, self._unsubscribe, self._on_complete = subscribe, unsubscribe, on_complete
         self._chunks: dict[str, ChunkStore] = {}
         self._lock = threading.Lock()

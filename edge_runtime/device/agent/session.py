@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_runtime import __version__
+from edge_runtime.contracts.durable import take_corruption_reports
 from edge_runtime.contracts.fleet import (
     PREFIX,
     DesiredState,
@@ -90,7 +91,12 @@ class Agent:
         self.dir = store.root / "agent"
         self.records = AgentRecords(self.dir)
         self.outbox = Outbox(store.root / "outbox.db", cfg.outbox_max_bytes)
-        self.seq = SeqGuard(self.dir / "control-seq.json")
+        self.seq = SeqGuard(self.dir / "control-seq.json", known=self.records.known_seqs())
+        self.rebuilt = take_corruption_reports()  # state files found corrupt at start (store, guard, records)
+        self._restarts: list[float] = []
+        self._errors = runtime.metrics.registry.counter(
+            "edgert_agent_errors_total", "Failures inside the fleet agent (caught, counted, survived)", ("where",)
+        )
         self.updater = updater if isinstance(updater, Updater) else Updater(store, runtime, updater, cfg.target)
         self.connected = threading.Event()
         self._stop = threading.Event()
@@ -129,19 +135,24 @@ class Agent:
         crashed = {(str(e["model"]), str(e["from"])) for e in recovered or []}
         self.converger = Converger(
             cfg.device_id, cfg.group, runtime, store, self.updater, self.downloads, self.records,
-            self.event, self.publish_state, lambda: dict(self.seq.seen), crashed,
+            self.event, self.publish_state, lambda: self.seq.scopes(), crashed,
         )  # fmt: skip
         for entry in recovered or []:
             self.event("update-rolled-back", {**entry, "to": entry["from"], "restored": entry["to"]})
             self.records.record_outcome(
                 str(entry["model"]), str(entry["from"]), UpdateOutcome.ROLLED_BACK,
-                "the daemon died during the update", dict(self.seq.seen),
+                "the daemon died during the update", self.seq.scopes(),
             )  # fmt: skip
-        self._threads = [
-            threading.Thread(target=self.telemetry.send_loop, args=(self._stop,), name="outbox-sender", daemon=True),
-            threading.Thread(target=self.telemetry.snapshot_loop, args=(self._stop,), name="telemetry", daemon=True),
-            threading.Thread(target=self._update_loop, name="updater", daemon=True),
-        ]
+        for report in self.rebuilt:
+            self.event("state-file-rebuilt", report)
+        if self.outbox.degraded:
+            self.event("outbox-degraded", {"reason": self.outbox.degraded})
+        self._workers: dict[str, Callable[[], None]] = {
+            "outbox-sender": lambda: self.telemetry.send_loop(self._stop, self._error),
+            "telemetry": lambda: self.telemetry.snapshot_loop(self._stop, self._error),
+            "updater": self._update_loop,
+        }
+        self._threads = {name: self._thread(name) for name in self._workers}
 
     # compatibility views for callers and tests
     @property
@@ -162,14 +173,47 @@ class Agent:
         props.SessionExpiryInterval = 7 * 24 * 3600  # the broker keeps our session across outages
         self.client.connect_async(self._host, self._port, self.cfg.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
-        for t in self._threads:
+        for t in self._threads.values():
             t.start()
+
+    def _thread(self, name: str) -> threading.Thread:
+        return threading.Thread(target=self._workers[name], name=name, daemon=True)
+
+    def _error(self, where: str) -> None:
+        """Something failed inside the agent and was survived: counted where an operator sees it
+        (/metrics, the device's state, edgert status)."""
+        self.records.count_error(where)
+        self._errors.inc(where=where)
+
+    def supervise(self, max_restarts: int = 5, window_s: float = 600.0) -> bool:
+        """Restart any dead worker (and the MQTT network thread). False when the agent cannot
+        recover (too many restarts in the window): the daemon then stops feeding the watchdog, so
+        systemd restarts it rather than letting HTTP pretend all is well."""
+        if self._stop.is_set():
+            return True
+        now = time.monotonic()
+        for name, t in list(self._threads.items()):
+            if not t.is_alive():
+                log.error("agent worker %s died; restarting it", name)
+                self._error(f"dead-{name}")
+                self._restarts.append(now)
+                self._threads[name] = self._thread(name)
+                self._threads[name].start()
+        network = getattr(self.client, "_thread", None)
+        if network is None or not network.is_alive():
+            log.error("the MQTT network thread is gone; restarting it")
+            self._error("dead-mqtt-loop")
+            self._restarts.append(now)
+            self.client.loop_stop()
+            self.client.loop_start()
+        self._restarts = [t for t in self._restarts if now - t < window_s]
+        return len(self._restarts) <= max_restarts
 
     def stop(self) -> None:
         self._stop.set()
         self._work.set()
         self.outbox.wake.set()
-        for t in self._threads:
+        for t in self._threads.values():
             t.join(10)
         if self.connected.is_set():
             info = self.client.publish(device_topic(self.cfg.device_id, "status"), self._status(False), 1, True)
@@ -194,7 +238,27 @@ class Agent:
 
     # --- MQTT callbacks (network thread: keep them short) ----------------------------
 
+    # Every callback is guarded: an exception inside paho's network thread would end that thread
+    # (the agent would hear nothing more) and leave the message unacknowledged, delivered again
+    # after every restart. A message that cannot be handled is counted, dropped and acknowledged.
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._guarded("on_connect", self._handle_connect, client, flags, reason_code)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._guarded("on_disconnect", self._handle_disconnect, reason_code)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self._guarded("on_message", self._handle_message, msg)
+
+    def _guarded(self, where: str, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            self._error(where)
+            log.exception("%s failed (%s); dropped, the agent goes on", where, type(e).__name__)
+
+    def _handle_connect(self, client: Any, flags: Any, reason_code: Any) -> None:
         if reason_code.is_failure:
             # Not connected: a refused CONNECT (bad credentials, not authorized) is not a session.
             log.error("broker refused the connection: %s", reason_code)
@@ -209,12 +273,12 @@ class Agent:
         self.outbox.wake.set()
         self._work.set()
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+    def _handle_disconnect(self, reason_code: Any) -> None:
         self.connected.clear()
         if not self._stop.is_set():
             log.warning("disconnected from the broker (%s); serving goes on, telemetry is kept", reason_code)
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+    def _handle_message(self, msg: Any) -> None:
         topic = msg.topic
         if topic.startswith(f"{PREFIX}/bundles/"):
             self.downloads.on_chunk(topic, msg.payload)
@@ -227,7 +291,7 @@ class Agent:
             return  # a cleared retained message
         try:
             payload = open_envelope(msg.payload, self.cfg.fleet_keys, scope, "desired")
-            last = self.seq.seen.get(scope, -1)
+            last = self.seq.last(scope)
             if payload["seq"] == last and self.converger.knows(scope):
                 return  # the same desired state again (retained on resubscribe, QoS 1 duplicate): idempotent
             if payload["seq"] != last:  # equal and unknown: our own accepted state, back after a restart
@@ -246,12 +310,17 @@ class Agent:
     def _refuse(self, reason: str, detail: str) -> None:
         log.warning("control message refused (%s): %s", reason, detail)
         self.records.count_refusal(reason)
+        self._errors.inc(where=f"refused-{reason}")
         self.event("control-refused", {"reason": reason, "detail": detail[:300]})
 
     # --- telemetry and state ---------------------------------------------------------
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
-        self.telemetry.event(kind, data)
+        try:
+            self.telemetry.event(kind, data)
+        except Exception as e:  # disk full, outbox broken: the event is lost, the agent is not
+            self._error("event")
+            log.error("event %s could not be stored (%s)", kind, e)
 
     def publish_state(self) -> None:
         self.telemetry.publish_state()
@@ -259,7 +328,8 @@ class Agent:
     def state(self) -> DeviceState:
         return device_state(
             self.store, self.outbox.stats(), self.records.refusals(), self.cfg.device_id, self.cfg.group,
-            self.cfg.target, dict(self.seq.seen), self.runtime, self.records.outcome_of(),
+            self.cfg.target, self.seq.scopes(), self.runtime, self.records.outcome_of(),
+            self.records.error_counts(), len(self.rebuilt),
         )  # fmt: skip
 
     # --- updates ---------------------------------------------------------------------
@@ -268,7 +338,12 @@ class Agent:
         while not self._stop.is_set():
             self._work.wait(2.0)
             self._work.clear()
-            self.converger.converge_all(self._stop.is_set)
+            try:
+                self.converger.converge_all(self._stop.is_set)
+            except Exception:  # e.g. a store that cannot be read: try again on the next wake-up
+                self._error("updater")
+                log.exception("convergence failed; trying again")
+                self._stop.wait(2.0)
 
 
 def _brief_error(e: ValidationError) -> str:

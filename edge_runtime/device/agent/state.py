@@ -27,6 +27,8 @@ def device_state(
     seqs: dict[str, int],
     runtime: Runtime | None = None,
     outcomes: dict[str, OutcomeRecord] | None = None,
+    errors: dict[str, int] | None = None,
+    rebuilt: int = 0,
 ) -> DeviceState:
     models: dict[str, ModelState] = {}
     for m in store.active():
@@ -48,6 +50,7 @@ def device_state(
     return DeviceState(
         device=device, group=group, target=target, models=models,
         outbox=OutboxFigures.model_validate({k: v for k, v in outbox.items() if k in OutboxFigures.model_fields}),
-        control_refused=refused, last_rollback=RollbackRecord.model_validate(last) if last else None,
+        control_refused=refused, errors=errors or {}, state_files_rebuilt=rebuilt,
+        last_rollback=RollbackRecord.model_validate(last) if last else None,
         desired_seq=dict(seqs), ts=time.time(),
     )  # fmt: skip

@@ -45,7 +45,7 @@ class Telemetry:
             return
         self.client.publish(device_topic(self.device_id, "state"), wire(self.state()), qos=1, retain=True)
 
-    def snapshot_loop(self, stop: threading.Event) -> None:
+    def snapshot_loop(self, stop: threading.Event, error: Callable[[str], None] = lambda where: None) -> None:
         while not stop.wait(self.interval_s):
             try:
                 models = {}
@@ -53,37 +53,47 @@ class Telemetry:
                     models[h.name] = {"version": h.current.version, **h.current.stats.snapshot().model_dump()}
                 self.outbox.put("metrics", {"models": models, "outbox": self.outbox.stats()})
                 self.publish_state()
-            except Exception:  # one bad snapshot must not end telemetry for good
+            except Exception:  # one bad snapshot (a full disk) must not end telemetry for good
+                error("telemetry")
                 log.exception("telemetry snapshot failed; trying again next period")
 
-    def send_loop(self, stop: threading.Event) -> None:
+    def send_loop(self, stop: threading.Event, error: Callable[[str], None] = lambda where: None) -> None:
         """Oldest first; a record is deleted only after its PUBACK; in order per device."""
-        events, telemetry = device_topic(self.device_id, "events"), device_topic(self.device_id, "telemetry")
         while not stop.is_set():
-            if not self.connected.wait(0.5):
-                continue
-            batch = self.outbox.peek(50)
-            if not batch:
-                self.outbox.wake.wait(1.0)
-                self.outbox.wake.clear()
-                continue
-            # Publish the whole batch (pipelined, up to 50 in flight), then delete the prefix the
-            # broker acknowledged, in order. Anything sent but unacknowledged stays and is sent
-            # again later: receivers drop the duplicate by its seq.
-            sent = []
-            for rec in batch:
-                topic = events if rec.kind == "event" else telemetry
-                sent.append((rec.seq, self.client.publish(topic, rec.message(self.device_id), qos=1)))
-            acked = 0
-            for seq, info in sent:
-                try:
-                    info.wait_for_publish(10)
-                except (RuntimeError, ValueError):  # not queued: the connection went away
-                    break
-                if not info.is_published():
-                    break
-                acked = seq
-            if acked:
-                self.outbox.ack(acked)
-            else:
-                time.sleep(0.5)
+            try:
+                self._send_some()
+            except Exception:  # the outbox unreadable for a moment, a broken record: go on
+                error("outbox-sender")
+                log.exception("sending telemetry failed; trying again")
+                stop.wait(1.0)
+
+    def _send_some(self) -> None:
+        """One batch: publish it pipelined, then delete the prefix the broker acknowledged."""
+        events, telemetry = device_topic(self.device_id, "events"), device_topic(self.device_id, "telemetry")
+        if not self.connected.wait(0.5):
+            return
+        batch = self.outbox.peek(50)
+        if not batch:
+            self.outbox.wake.wait(1.0)
+            self.outbox.wake.clear()
+            return
+        # Publish the whole batch (pipelined, up to 50 in flight), then delete the prefix the
+        # broker acknowledged, in order. Anything sent but unacknowledged stays and is sent
+        # again later: receivers drop the duplicate by its seq.
+        sent = []
+        for rec in batch:
+            topic = events if rec.kind == "event" else telemetry
+            sent.append((rec.seq, self.client.publish(topic, rec.message(self.device_id), qos=1)))
+        acked = 0
+        for seq, info in sent:
+            try:
+                info.wait_for_publish(10)
+            except (RuntimeError, ValueError):  # not queued: the connection went away
+                break
+            if not info.is_published():
+                break
+            acked = seq
+        if acked:
+            self.outbox.ack(acked)
+        else:
+            time.sleep(0.5)

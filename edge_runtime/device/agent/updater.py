@@ -89,7 +89,7 @@ class Updater:
     def __init__(self, store: ModelStore, runtime: Runtime, keys: Callable[[], list[Ed25519PublicKey]], target: str):
         self.store, self.runtime, self.keys, self.target = store, runtime, keys, target
         self.downloads = store.root / "downloads"
-        self.downloads.mkdir(parents=True, exist_ok=True)
+        # created on first use (Downloads): a read-only state dir must not stop the daemon here
 
     def stage(self, name: str, version: str, bundle_file: Path, downgrade: bool) -> None:
         crash_point("verify")

@@ -1,0 +1,326 @@
+"""Unattended survival, caused for real: hostile messages on every topic a device or the
+controller reads, corrupt and missing state files, a read-only state dir, a full disk. In each
+case the device (a real `edgert serve` process) keeps serving, stays reachable for the fleet,
+counts what it refused, and recovers by itself once the cause is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_runtime.contracts.bundle import generate_keypair, load_private_key
+from edge_runtime.contracts.client import Client
+from edge_runtime.contracts.signed import desired_payload, sign
+from edge_runtime.fleet import publish_bundle, publish_desired
+from tests.broker import Broker
+from tests.conftest import Daemon, edgert
+from tests.fleet_models import inputs, make_bundle
+
+pytestmark = pytest.mark.e2e
+
+ACCOUNTS = {"controller": "ctl-secret", "sv1": "sv1-secret", "sv2": "sv2-secret", "sv3": "sv3-secret"}
+HEALTH = {"window_s": 1, "min_inferences": 0, "min_baseline": 1000}
+NESTED = b"[" * 1500 + b"]" * 1500  # 3 kB; json.loads alone raises RecursionError on it
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(tmp_path_factory.mktemp("broker"), ACCOUNTS)
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("fleet")
+    generate_keypair(d)
+    return d
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def serve_args(broker: Broker, device: str, fleet_key: Path, pw: Path) -> list[str]:
+    return ["--mqtt", broker.url, "--device-id", device, "--group", f"grp-{device}",
+            "--fleet-key", str(fleet_key / "signing.pub"), "--mqtt-password-file", str(pw),
+            "--telemetry-interval", "0.3"]  # fmt: skip
+
+
+def password(tmp: Path, device: str) -> Path:
+    pw = tmp / f"{device}.pw"
+    pw.write_text(ACCOUNTS[device])
+    return pw
+
+
+class Watcher:
+    """The controller's account, listening to one device's retained state and events."""
+
+    def __init__(self, broker: Broker, device: str) -> None:
+        self.state: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.telemetry_seqs: list[int] = []
+        self.c = broker.client("controller")
+        self.c.on_message = self._on
+        self.c.subscribe(f"edgert/v1/devices/{device}/#", 1)
+
+    def _on(self, c: Any, u: Any, m: Any) -> None:
+        if not m.payload:
+            return
+        kind = m.topic.rsplit("/", 1)[1]
+        try:
+            data = json.loads(m.payload)
+        except (ValueError, RecursionError):  # the hostile messages themselves (this client reads them too)
+            return
+        if kind == "state":
+            self.state = data
+        elif kind == "events":
+            self.events.append(data["data"])
+        elif kind == "telemetry":
+            self.telemetry_seqs.append(int(data["seq"]))
+
+    def event(self, kind: str) -> dict[str, Any] | None:
+        return next((e for e in self.events if e.get("event") == kind), None)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def infer_ok(url: str) -> bool:
+    with Client(url) as c:
+        y = c.infer("cls", {"x": inputs(1)})["logits"]
+    return bool(np.isfinite(y).all())
+
+
+def health_ok(url: str) -> bool:
+    with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as r:
+        return r.status == 200
+
+
+# --- 1. one message never kills a thread ------------------------------------------------------
+
+
+def test_nested_json_on_every_subscribed_topic_is_refused_and_the_agent_goes_on(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    state = tmp_path / "state"
+    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    w = Watcher(broker, "sv1")
+    ctl = broker.client("controller")
+    args = serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1"))
+    daemon = Daemon(state, *args)
+    try:
+        wait_for(lambda: w.state.get("models"), 20, "the device's first state")
+        hostile = [
+            ("edgert/v1/devices/sv1/desired", NESTED, False),
+            ("edgert/v1/groups/grp-sv1/desired", NESTED, True),  # retained: delivered again on restart
+            ("edgert/v1/devices/sv1/desired", b'{"payload": ' + NESTED + b', "sig": "AA=="}', False),
+            ("edgert/v1/devices/sv1/desired", b"\xff\xfe not json", False),
+        ]
+        for topic, payload, retain in hostile:
+            ctl.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+        wait_for(lambda: sum((w.state.get("control_refused") or {}).values()) >= len(hostile), 20,
+                 "every hostile message refused and counted")  # fmt: skip
+        assert health_ok(daemon.url) and infer_ok(daemon.url)
+        # The network thread lives: a genuine signed update is still taken, over chunks.
+        v2 = make_bundle(tmp_path / "v2.edgepkg", keys / "signing.key", "1.1.0")
+        ref = publish_bundle(ctl, v2, chunk_size=4096)
+        publish_desired(ctl, load_private_key(fleet_key / "signing.key"), "sv1", time.time_ns() // 1000,
+                        {"cls": {"version": "1.1.0", "bundle": ref, "health": HEALTH}})  # fmt: skip
+        wait_for(lambda: w.event("update-committed"), 30, "the genuine update after the hostile ones")
+        assert "RecursionError" not in daemon.output()
+        # A restart: the retained hostile message comes again, is refused again, nothing dies.
+        assert daemon.stop() == 0
+        w.state = {}
+        daemon = Daemon(state, *args)
+        wait_for(lambda: (w.state.get("control_refused") or {}).get("malformed", 0) >= 2, 20, "refused again")
+        assert w.state["models"]["cls"]["serving"] == "1.1.0" and infer_ok(daemon.url)
+        metrics = urllib.request.urlopen(daemon.url + "/metrics", timeout=5).read().decode()
+        assert 'edgert_agent_errors_total{where="refused-malformed"}' in metrics
+    finally:
+        ctl.publish("edgert/v1/groups/grp-sv1/desired", b"", qos=1, retain=True).wait_for_publish(5)
+        daemon.stop()
+        w.close()
+        ctl.loop_stop()
+        ctl.disconnect()
+
+
+def test_garbage_a_device_retains_does_not_stop_the_controller(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    state = tmp_path / "state"
+    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")))
+    rogue = broker.client("sv2")  # a device account, writing only where the ACL lets it: its own topics
+    try:
+        for payload in (NESTED, b'{"device": "sv2", "models": {"cls": "x"}}', b'{"device": "sv1"}'):
+            rogue.publish("edgert/v1/devices/sv2/state", payload, qos=1, retain=True).wait_for_publish(5)
+        rogue.publish("edgert/v1/devices/sv2/status", NESTED, qos=1, retain=True).wait_for_publish(5)
+        pw = password(tmp_path, "controller")
+        cmd = ["fleet", "--broker", broker.url, "--username", "controller", "--password-file", str(pw),
+               "--state", str(tmp_path / "fleet.db"), "devices", "--json"]  # fmt: skip
+        listing = wait_for(
+            lambda: (r := edgert(*cmd)).returncode == 0
+            and any(d["id"] == "sv1" and d["models"] for d in json.loads(r.stdout)["devices"])
+            and json.loads(r.stdout),
+            30, "the controller to list the healthy device despite the garbage",
+        )  # fmt: skip
+        rogue_view = [d for d in listing["devices"] if d["id"] == "sv2"]
+        assert not rogue_view or not rogue_view[0]["models"]  # nothing of the garbage was believed
+    finally:
+        for topic in ("state", "status"):
+            rogue.publish(f"edgert/v1/devices/sv2/{topic}", b"", qos=1, retain=True).wait_for_publish(5)
+        rogue.loop_stop()
+        rogue.disconnect()
+        daemon.stop()
+
+
+# --- 2. start-up and state files degrade, never brick -----------------------------------------
+
+
+def test_corrupt_state_files_degrade_and_are_rebuilt(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    state = tmp_path / "state"
+    key = keys / "signing.key"
+    for name, version in (("cls", "1.0.0"), ("other", "0.9.0"), ("other", "1.0.0")):
+        b = make_bundle(tmp_path / f"{name}-{version}.edgepkg", key, version, name=name)
+        edgert("install", str(b), "--state-dir", str(state), "--trust", str(keys / "signing.pub"), check=True)
+    args = serve_args(broker, "sv3", fleet_key, password(tmp_path, "sv3"))
+    Daemon(state, *args).stop()  # a first run creates the outbox
+    # One bit flipped in one of the two models' active bundle; garbage in every small state file.
+    bundle = state / "models" / "other" / "1.0.0.edgepkg"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    bundle.write_bytes(bytes(data))
+    agent = state / "agent"
+    agent.mkdir(exist_ok=True)
+    for f in ("control-seq.json", "counters.json", "outcomes.json"):
+        (agent / f).write_bytes(b"\x00garbage{{")
+    (agent / "control-seq.json.bak").unlink(missing_ok=True)  # nothing left to rebuild the guard from
+    (state / "models" / "cls" / "pending.json").write_text("[[[")
+    (state / "history.json").write_text('{"rollbacks": 7}')
+    (state / "outbox.db").write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(str(state / "outbox.db") + suffix).unlink(missing_ok=True)
+
+    status = edgert("status", "--state-dir", str(state), "--json")
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    w = Watcher(broker, "sv3")
+    daemon = Daemon(state, *args)
+    try:
+        assert health_ok(daemon.url) and infer_ok(daemon.url)
+        with Client(daemon.url) as c:
+            assert c.metadata("other")["versions"] == ["0.9.0"]  # the broken 1.0.0 reported, 0.9.0 served
+        st = wait_for(lambda: w.state.get("state_files_rebuilt") and w.state, 20, "the rebuilt state reported")
+        assert st["state_files_rebuilt"] >= 5 and st["last_rollback"]["from"] == "1.0.0"
+        aside = {p.name.split(".corrupt-")[0] for p in state.rglob("*.corrupt-*")}
+        assert {"control-seq.json", "counters.json", "outcomes.json", "pending.json", "history.json",
+                "outbox.db"} <= aside, aside  # fmt: skip
+        wait_for(lambda: w.event("state-file-rebuilt"), 20, "a state-file-rebuilt event")
+        # The guard failed closed: a desired state issued before it was rebuilt is refused...
+        ctl = broker.client("controller")
+        fk = load_private_key(fleet_key / "signing.key")
+        old = sign(desired_payload("sv3", int(time.time() * 1000) - 60_000, {"cls": {"version": "1.0.0"}}), fk)
+        ctl.publish("edgert/v1/devices/sv3/desired", old, qos=1).wait_for_publish(5)
+        wait_for(lambda: (w.state.get("control_refused") or {}).get("replayed"), 20, "the old state refused")
+        # ...and a newly signed one is taken.
+        publish_desired(ctl, fk, "sv3", int(time.time() * 1000) + 1000, {"cls": {"version": "1.0.0"}})
+        wait_for(lambda: w.state.get("desired_seq", {}).get("sv3"), 20, "the new desired state accepted")
+        ctl.loop_stop()
+        ctl.disconnect()
+        status = edgert("status", "--state-dir", str(state), "--json", check=True)
+        assert json.loads(status.stdout)["models"]["other"]["version"] == "0.9.0"
+    finally:
+        daemon.stop()
+        w.close()
+
+
+def test_read_only_state_dir_with_mqtt_still_serves(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    ro.mkdir()
+    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+           str(rw), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(rw), str(ro)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        assert subprocess.run(["touch", str(ro / "x")], capture_output=True).returncode != 0  # really read-only
+        w = Watcher(broker, "sv3")
+        args = serve_args(broker, "sv3", fleet_key, password(tmp_path, "sv3"))
+        daemon = Daemon(ro, *args, log=tmp_path / "daemon.log")
+        try:
+            assert health_ok(daemon.url) and infer_ok(daemon.url)
+            st = wait_for(lambda: w.state.get("models") and w.state, 20, "the device to join the fleet anyway")
+            assert st["models"]["cls"]["serving"] == "1.0.0"
+            assert "outbox degraded to memory" in daemon.output()
+        finally:
+            daemon.stop()
+            w.close()
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+# --- 3. disk is finite --------------------------------------------------------------------------
+
+
+def test_full_disk_during_telemetry_is_survived_and_telemetry_resumes(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        state = disk / "state"
+        edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+               str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+        w = Watcher(broker, "sv1")
+        daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")),
+                        log=tmp_path / "daemon.log")  # fmt: skip
+        try:
+            wait_for(lambda: len(w.telemetry_seqs) >= 3, 20, "telemetry flowing")
+            filler = disk / "filler"
+            with open(filler, "wb") as f:  # fill the disk to the last byte
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            os.sync()
+            time.sleep(3)  # ten telemetry periods on a full disk
+            assert health_ok(daemon.url) and infer_ok(daemon.url)
+            metrics = urllib.request.urlopen(daemon.url + "/metrics", timeout=5).read().decode()
+            assert 'edgert_agent_errors_total{where="telemetry"}' in metrics, metrics[-2000:]
+            seen = max(w.telemetry_seqs)
+            filler.unlink()  # space returns: telemetry resumes by itself
+            wait_for(lambda: max(w.telemetry_seqs) > seen + 2, 20, "telemetry to resume after space returned")
+            assert daemon.proc.poll() is None
+        finally:
+            daemon.stop()
+            w.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

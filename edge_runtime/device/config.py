@@ -111,7 +111,19 @@ class ServeConfig(_Strict):
         " NNAPI/VX delegate); missing or failing to load: XNNPACK on the CPU, with a warning",
     )
     max_body_bytes: int = Field(64 << 20, gt=0, description="largest request body accepted (413 beyond)")
-    max_connections: int = Field(128, ge=1, description="concurrent HTTP connections (threads)")
+    max_json_body_bytes: int = Field(
+        8 << 20, gt=0, description="largest JSON request body (413 beyond); JSON costs ~4x its size to decode"
+    )
+    max_connections: int = Field(
+        128,
+        ge=1,
+        description="concurrent HTTP connections (threads); beyond it the longest-idle keep-alive"
+        " connection is closed, or the new client is answered 503 at once",
+    )
+    http_idle_timeout_s: float = Field(15.0, gt=0, description="a keep-alive connection idle this long is closed")
+    http_request_timeout_s: float = Field(
+        30.0, gt=0, description="a request's headers and body must arrive within this (slow clients are cut)"
+    )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="per-model settings by name")
     sources: list[SourceConfig] = Field(default_factory=list, description="sensor frame sources")

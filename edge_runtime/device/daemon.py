@@ -50,7 +50,10 @@ class Daemon:
         self.updater = Updater(self.store, self.runtime, self.trusted_keys, config.target)
         self.hub = ResultHub()
         self.sources: list[FrameSource] = []
-        self.state = ServerState(self.runtime, config.max_body_bytes, self.hub)
+        self.state = ServerState(
+            self.runtime, config.max_body_bytes, self.hub, config.max_json_body_bytes,
+            config.http_idle_timeout_s, config.http_request_timeout_s,
+        )  # fmt: skip
         self.servers = make_servers(self.state, config.host, config.port, config.uds, config.max_connections)
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()

@@ -10,6 +10,7 @@ full, 503 not ready or shutting down, 504 timed out in the queue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,13 +34,82 @@ from edge_runtime.serving.tensors import InputError
 log = logging.getLogger(__name__)
 
 
+REFUSAL_REASONS = {400: "bad_request", 404: "not_found", 411: "length_required", 413: "too_large",
+                   429: "queue_full", 503: "not_ready", 504: "timeout"}  # fmt: skip
+
+
+class Reaper:
+    """Deadlines for connections, enforced by one thread: a connection idle past its keep-alive
+    timeout, or one whose request (headers and body) is not complete by its deadline (a slowloris
+    client, a lying Content-Length), is shut down. Per-recv socket timeouts cannot do this: a
+    client sending a byte a second never trips them."""
+
+    def __init__(self, on_expired: Callable[[str], None]) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, tuple[float, str]] = {}
+        self._on_expired = on_expired
+        self._thread = threading.Thread(target=self._loop, name="http-reaper", daemon=True)
+        self._thread.start()
+
+    def watch(self, sock: socket.socket, seconds: float, kind: str) -> None:
+        with self._lock:
+            self._deadlines[sock] = (time.monotonic() + seconds, kind)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def evict_idle(self) -> bool:
+        """Make room at the connection cap: close the keep-alive connection idle the longest."""
+        with self._lock:
+            idle = [(d, s) for s, (d, kind) in self._deadlines.items() if kind == "idle"]
+            if not idle:
+                return False
+            _, sock = min(idle, key=lambda x: x[0])
+            self._deadlines.pop(sock, None)
+        _shutdown(sock)
+        self._on_expired("evicted_idle")
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                expired = [(s, kind) for s, (d, kind) in self._deadlines.items() if d <= now]
+                for s, _ in expired:
+                    self._deadlines.pop(s, None)
+            for sock, kind in expired:
+                _shutdown(sock)
+                self._on_expired(f"{kind}_timeout")
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the peer or the handler
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class ServerState:
-    def __init__(self, runtime: Runtime, max_body_bytes: int, hub: ResultHub | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_body_bytes: int,
+        hub: ResultHub | None = None,
+        max_json_bytes: int = 8 << 20,
+        idle_timeout_s: float = 15.0,
+        request_timeout_s: float = 30.0,
+    ) -> None:
         self.runtime = runtime
         self.hub = hub or ResultHub()
         self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = min(max_json_bytes, max_body_bytes)
+        self.idle_timeout_s, self.request_timeout_s = idle_timeout_s, request_timeout_s
         self.ready = threading.Event()
         self.stopping = threading.Event()
+        self.refused = runtime.metrics.registry.counter(
+            "edgert_http_refused_total", "HTTP requests and connections refused or cut, by reason", ("reason",)
+        )
+        self.reaper = Reaper(lambda reason: self.refused.inc(reason=reason))
 
 
 def model_metadata(runtime: Runtime, name: str, version: str | None) -> dict[str, Any]:
@@ -81,6 +152,25 @@ class Handler(BaseHTTPRequestHandler):
     server_version = f"edgert/{__version__}"
     state: ServerState  # set on the subclass made per server
 
+    def handle_one_request(self) -> None:
+        """Wait for the next request of this connection under the keep-alive idle deadline, then
+        read it under the request deadline (both enforced by the reaper)."""
+        reaper, sock = self.state.reaper, self.request
+        reaper.watch(sock, self.state.idle_timeout_s, "idle")
+        try:
+            first = self.rfile.peek(1)  # type: ignore[attr-defined]  # a BufferedReader
+        except OSError:
+            first = b""
+        if not first:
+            reaper.unwatch(sock)
+            self.close_connection = True
+            return
+        reaper.watch(sock, self.state.request_timeout_s, "request")
+        try:
+            super().handle_one_request()
+        finally:
+            reaper.unwatch(sock)
+
     def setup(self) -> None:
         super().setup()
         if self.request.family in (socket.AF_INET, socket.AF_INET6):
@@ -115,11 +205,18 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(doc).encode())
 
     def _error(self, status: int, message: str) -> None:
+        self.state.refused.inc(reason=REFUSAL_REASONS.get(status, str(status)))
         self._json(status, {"error": message})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (malformed request line, oversized headers) are counted too."""
+        self.state.refused.inc(reason=REFUSAL_REASONS.get(code, str(code)))
+        super().send_error(code, message, explain)
 
     # --- routing ---------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        self.state.reaper.unwatch(self.request)  # headers are in; a stream may stay open for long
         path = self.path.split("?", 1)[0].rstrip("/")
         rt = self.state.runtime
         if path == "/v2/health/live":
@@ -195,6 +292,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such endpoint: {self.path}")
             return
         body = self._read_body()
+        self.state.reaper.unwatch(self.request)
         if body is None:
             return
         if self.state.stopping.is_set() or not self.state.ready.is_set():
@@ -220,9 +318,13 @@ class Handler(BaseHTTPRequestHandler):
             self._error(411, "Content-Length header required")
             return None
         n = int(length)
-        if n > self.state.max_body_bytes:
+        # JSON bodies cost ~4x their size to parse into tensors; binary ones are read into arrays
+        # as they are: JSON gets the smaller limit.
+        limit = self.state.max_body_bytes if self.headers.get(HEADER_LENGTH) else self.state.max_json_bytes
+        if n > limit:
             self.close_connection = True  # do not read it: the socket is dropped after the reply
-            self._error(413, f"body of {n} bytes exceeds the limit of {self.state.max_body_bytes}")
+            kind = "binary" if limit == self.state.max_body_bytes else "JSON"
+            self._error(413, f"{kind} body of {n} bytes exceeds the limit of {limit}")
             return None
         body = self.rfile.read(n)
         if len(body) != n:
@@ -277,8 +379,16 @@ class _BoundedThreadingMixIn(socketserver.ThreadingMixIn):
     block_on_close = False
     slots: threading.BoundedSemaphore
 
+    state: ServerState
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(timeout=5):
+        """Never blocks the accept loop: at the cap, the longest-idle keep-alive connection makes
+        room; if none is idle, the new client is answered 503 at once and closed."""
+        if not self.slots.acquire(blocking=False) and not (
+            self.state.reaper.evict_idle() and self.slots.acquire(timeout=0.5)
+        ):
+            self.state.refused.inc(reason="over_capacity")
+            _busy(request)
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
         super().process_request(request, client_address)
@@ -288,6 +398,20 @@ class _BoundedThreadingMixIn(socketserver.ThreadingMixIn):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b'Retry-After: 1\r\nContent-Length: 56\r\n\r\n{"error": "too many connections; try again in a moment"}'
+)
+
+
+def _busy(request: socket.socket) -> None:
+    try:
+        request.settimeout(0.5)
+        request.sendall(BUSY)
+    except OSError:
+        pass
 
 
 class TCPServer(_BoundedThreadingMixIn, ThreadingHTTPServer):
@@ -304,15 +428,18 @@ def make_servers(
     state: ServerState, host: str, port: int | None, uds: Path | None, max_connections: int
 ) -> list[socketserver.BaseServer]:
     handler = type("BoundHandler", (Handler,), {"state": state})
+    # The listen backlog matches the connection cap (the stdlib default of 5 reset 47 of 100
+    # simultaneous connections).
+    bound = {"state": state, "request_queue_size": max(max_connections, 64)}
     servers: list[socketserver.BaseServer] = []
     if port is not None:
-        tcp = TCPServer((host, port), handler)
+        tcp = type("BoundTCPServer", (TCPServer,), bound)((host, port), handler)
         tcp.slots = threading.BoundedSemaphore(max_connections)
         servers.append(tcp)
     if uds is not None:
         if uds.exists():
             uds.unlink()
-        unix = UnixServer(str(uds), handler)
+        unix = type("BoundUnixServer", (UnixServer,), bound)(str(uds), handler)
         os.chmod(uds, 0o660)
         unix.slots = threading.BoundedSemaphore(max_connections)
         servers.append(unix)

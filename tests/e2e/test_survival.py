@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -324,3 +325,75 @@ def test_full_disk_during_telemetry_is_survived_and_telemetry_resumes(
             w.close()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+# --- 4. the HTTP daemon cannot be locked out ----------------------------------------------------
+
+
+def _get(url: str, timeout: float = 5) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_idle_slow_and_flooding_clients_cannot_lock_the_api_out(tmp_path: Path, keys: Path) -> None:
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = tmp_path / "state"
+    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    config = tmp_path / "edgert.yaml"
+    config.write_text(
+        "max_connections: 4\nhttp_idle_timeout_s: 60\nhttp_request_timeout_s: 2\nmax_json_body_bytes: 4096\n"
+    )
+    daemon = Daemon(state, "--config", str(config))
+    host, port = "127.0.0.1", daemon.port
+    held: list[socket.socket] = []
+    try:
+        # The old lock-out: idle keep-alive connections up to the cap. Health still answers at once
+        # (the longest-idle connection makes room).
+        held = [socket.create_connection((host, port)) for _ in range(4)]
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert _get(daemon.url + "/v2/health/ready") == 200 and time.monotonic() - t0 < 2
+        for s in held:
+            s.close()
+        # Slowloris: four connections sending a header a byte at a time. A new client is never left
+        # hanging (503 at once while they hold every slot), and they are cut at the request deadline.
+        held = [socket.create_connection((host, port)) for _ in range(4)]
+        for s in held:
+            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert _get(daemon.url + "/v2/health/ready") in (200, 503) and time.monotonic() - t0 < 2
+        wait_for(lambda: _get(daemon.url + "/v2/health/ready") == 200, 10, "the slow clients to be cut")
+        for s in held:
+            s.close()
+        # A JSON body over the JSON limit: 413 without reading it.
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2000],
+                                       "data": [0.0] * 2000}]}).encode()  # fmt: skip
+        req = urllib.request.Request(daemon.url + "/v2/models/cls/infer", data=body, method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("an oversized JSON body was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 413 and "JSON body" in e.read().decode()
+        assert infer_ok(daemon.url)  # binary bodies are not held to the JSON limit
+        metrics = urllib.request.urlopen(daemon.url + "/metrics", timeout=5).read().decode()
+        for reason in ("evicted_idle", "request_timeout", "too_large"):
+            assert f'edgert_http_refused_total{{reason="{reason}"}}' in metrics, reason
+    finally:
+        for s in held:
+            s.close()
+        daemon.stop()
+    # A flood: 100 clients at once against the default cap get answers, not connection resets.
+    daemon = Daemon(state)
+    try:
+        with ThreadPoolExecutor(100) as pool:
+            codes = list(pool.map(lambda _: _get(daemon.url + "/v2/health/ready", 10), range(100)))
+        assert codes == [200] * 100, sorted(set(codes))
+    finally:
+        daemon.stop()

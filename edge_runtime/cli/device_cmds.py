@@ -66,7 +66,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(f"outbox: cannot be read ({e}); the daemon rebuilds it at start", style="yellow")
         records = AgentRecords(root / "agent")
         seqs = read_json_file(root / "agent" / "control-seq.json", _scope_seqs, lambda: {}, "reported")
-        state = device_state(store, outbox, records.refusals(), "", "", "", seqs, outcomes=records.outcome_of(),
+        who = read_json_file(root / "agent" / "identity.json", _identity, lambda: {}, "reported")
+        state = device_state(store, outbox, records.refusals(), who.get("device", ""), who.get("group", ""),
+                             who.get("target", ""), seqs, outcomes=records.outcome_of(),
                              rebuilt=corruption_count())  # fmt: skip
     if args.json:
         print(json.dumps(dump(state), indent=2))
@@ -78,6 +80,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         last = state.last_rollback
         print(f"last rollback: {dump(last) if last else 'none'}")
     return 0
+
+
+def _identity(data: Any) -> dict[str, str]:
+    if not isinstance(data, dict):
+        raise ValueError("expected an object")
+    return {k: str(data[k]) for k in ("device", "group", "target") if isinstance(data.get(k), str)}
 
 
 def _scope_seqs(data: Any) -> dict[str, int]:

@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from edge_runtime.contracts.fleet import UpdateOutcome
+from edge_runtime.contracts.fleet import UpdateOutcome, VerdictKind
 from edge_runtime.fleet.db import ControllerDB, Rollout
 from edge_runtime.fleet.link import DeviceView, FleetLink
 from edge_runtime.fleet.params import RolloutParams
@@ -38,6 +38,10 @@ def verdict_of(
     on_target = outcome is not None and outcome.version == r.version
     if outcome is not None and answered and on_target and outcome.outcome is not UpdateOutcome.COMMITTED:
         return ("failed", f"{outcome.outcome.value}: {outcome.reason}")
+    if outcome is not None and answered and on_target and outcome.verdict is VerdictKind.IDLE:
+        if p.unjudged == "pass":
+            return ("passed", f"{outcome.reason}; counted as a pass (--unjudged pass)")
+        return ("failed", f"{outcome.reason} (--unjudged fail)")
     if ready is not None and seen and ready(v):
         return ("passed", "ready")
     if (

@@ -31,6 +31,9 @@ class RolloutParams:
     max_error_rate: float = 0.05
     max_p95_ratio: float = 3.0
     min_p95_increase_ms: float = 0.5  # a p95 ratio counts only above this absolute increase
+    # A device that saw too little traffic in its window is unjudged: it fails the stage unless
+    # the operator says an unjudged device counts as a pass (idle canaries prove nothing).
+    unjudged: str = "fail"
 
     @classmethod
     def stored(cls, params: dict[str, Any]) -> RolloutParams:
@@ -53,6 +56,8 @@ class RolloutParams:
             raise FleetError(f"--split is a percentage in (0, 100), got {self.split}")
         if self.health_window <= 0 or self.min_devices < 1:
             raise FleetError("--health-window must be > 0 and --min-devices >= 1")
+        if self.unjudged not in ("fail", "pass"):
+            raise FleetError(f"--unjudged is fail or pass, got {self.unjudged!r}")
         if not self.stage_timeout:
             self.stage_timeout = 3 * self.health_window + 60
 

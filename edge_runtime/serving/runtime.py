@@ -142,6 +142,7 @@ class ModelHandle:
         self._touch()
 
     def _on_done(self, queue_s: float, total_s: float) -> None:
+        self._metrics.queue_depth.set(self.batcher.depth, model=self.name)  # falls back to 0 as it drains
         self._metrics.queue_s.observe(queue_s, model=self.name)
         self._metrics.total_s.observe(total_s, model=self.name)
 

@@ -254,7 +254,9 @@ def test_shadow_and_ab_figures_match_what_devices_computed(
         try:
             ctl.c.publish(fleet["alt"], ctl.trust)
             wait_for(lambda: sum(v.online for v in ctl.link.group("exp")) == 3, 30, "3 devices online")
-            params = RolloutParams(min_devices=2, health_window=1.0, min_inferences=1)
+            # The test sends traffic only while it observes: after a promotion the devices' windows are
+            # idle, and idle devices pass only because the operator says so (--unjudged pass).
+            params = RolloutParams(min_devices=2, health_window=1.0, min_inferences=1, unjudged="pass")
 
             # Shadow: 4.0.0 runs on every frame 1.0.0 serves; nothing it computes is served.
             rid = ctl.c.create("cls", "4.0.0", "exp", "shadow", params)

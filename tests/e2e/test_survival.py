@@ -397,3 +397,46 @@ def test_idle_slow_and_flooding_clients_cannot_lock_the_api_out(tmp_path: Path, 
         assert codes == [200] * 100, sorted(set(codes))
     finally:
         daemon.stop()
+
+
+# --- 6. verdicts the fleet can trust ------------------------------------------------------------
+
+
+def test_a_window_interrupted_by_shutdown_resumes_on_the_desired_version(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    """A fleet rollback (a signed downgrade) whose health window is cut by SIGTERM: after the
+    restart the device converges on the desired version, it does not stay on the aborted one."""
+    state = tmp_path / "state"
+    key = keys / "signing.key"
+    for version in ("1.1.0", "1.2.0"):  # 1.2.0 active: the version the fleet aborted
+        edgert("install", str(make_bundle(tmp_path / f"{version}.edgepkg", key, version)), "--state-dir", str(state),
+               "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    w = Watcher(broker, "sv2")
+    ctl = broker.client("controller")
+    args = serve_args(broker, "sv2", fleet_key, password(tmp_path, "sv2"))
+    daemon = Daemon(state, *args)
+    try:
+        wait_for(lambda: w.state.get("models"), 20, "the device's state")
+        spec = {"cls": {"version": "1.1.0", "allow_downgrade": True, "health": {"window_s": 30, "min_inferences": 1}}}
+        publish_desired(ctl, load_private_key(fleet_key / "signing.key"), "sv2", time.time_ns() // 1000, spec)
+        wait_for(lambda: w.event("update-started"), 20, "the rollback's window to start")
+        assert daemon.stop() == 0  # SIGTERM inside the 30 s window
+        w.events.clear()
+        daemon = Daemon(state, *args)
+        with Client(daemon.url) as c:  # traffic, so the resumed window can judge
+            for _ in range(5):
+                c.infer("cls", {"x": inputs(1)})
+        wait_for(lambda: w.state.get("models", {}).get("cls", {}).get("serving") == "1.1.0", 30,
+                 "the device back on its desired version after the restart")  # fmt: skip
+        assert w.event("update-started") and not w.event("update-refused")
+        status = json.loads(edgert("status", "--state-dir", str(state), "--json", check=True).stdout)
+        assert status["models"]["cls"]["version"] == "1.1.0"
+        assert (status["device"], status["group"]) == ("sv2", "grp-sv2")  # not "" for a --device-id daemon
+        assert (status["last_rollback"] or {}).get("to") != "1.2.0"  # the interruption was no rollback
+    finally:
+        ctl.publish("edgert/v1/devices/sv2/desired", b"", qos=1, retain=True).wait_for_publish(5)
+        ctl.loop_stop()
+        ctl.disconnect()
+        daemon.stop()
+        w.close()

@@ -104,3 +104,39 @@ def test_deeply_nested_json_is_refused_before_parsing() -> None:
         parse_json(b"{}" + b" " * 100, 10)
     with pytest.raises(WireError, match="malformed"):
         parse_json(b"{nope", 100)
+
+
+def test_an_idle_window_is_unjudged_unless_no_traffic_was_required() -> None:
+    from edge_runtime.contracts.fleet import VerdictKind
+    from edge_runtime.device.agent.health_window import evaluate
+    from edge_runtime.serving.stats import VersionStats
+
+    idle = evaluate(HealthPolicy(min_inferences=20), None, VersionStats())
+    assert idle.healthy and idle.kind is VerdictKind.IDLE and "unjudged" in idle.reason
+    assert evaluate(HealthPolicy(min_inferences=0), None, VersionStats()).kind is VerdictKind.HEALTHY
+
+
+def test_the_controller_fails_unjudged_devices_unless_told_otherwise() -> None:
+    import time
+
+    from edge_runtime.contracts.fleet import DeviceState, VerdictKind
+    from edge_runtime.fleet.db import Rollout
+    from edge_runtime.fleet.judging import verdict_of
+    from edge_runtime.fleet.link import DeviceView
+    from edge_runtime.fleet.params import RolloutParams
+
+    now = time.time()
+    r = Rollout(1, "cls", "2.0.0", "1.0.0", "g", "canary", {}, "running", 0, "", now, now, None)
+    state = DeviceState.model_validate({
+        "device": "d", "desired_seq": {"d": 5}, "models": {"cls": {"version": "2.0.0", "serving": "2.0.0",
+        "outcome": {"version": "2.0.0", "outcome": "committed", "reason": "unjudged: 0 inferences", "ts": now,
+                    "seqs": {"d": 5}, "verdict": VerdictKind.IDLE.value}}},
+    })  # fmt: skip
+    view = DeviceView("d", "g", True, now, state)
+    device = {"scope": "d", "seq": 5, "moved": now, "status": "moved"}
+    params = RolloutParams()
+    params.validate("canary")
+    assert verdict_of(r, params, device, view, None, now) == ("failed", "unjudged: 0 inferences (--unjudged fail)")
+    params.unjudged = "pass"
+    verdict = verdict_of(r, params, device, view, None, now)
+    assert verdict is not None and verdict[0] == "passed"

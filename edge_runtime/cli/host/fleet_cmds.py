@@ -313,6 +313,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             max_error_rate=args.max_error_rate,
             max_p95_ratio=args.max_p95_ratio,
             min_p95_increase_ms=args.min_p95_increase_ms,
+            unjudged=args.unjudged,
         )
         rid = ctl.create(name, version, args.group, args.strategy, params)
         if args.detach:
@@ -457,6 +458,12 @@ def add_parser(sub: Any) -> None:
     ro.add_argument("--max-error-rate", type=float, default=0.05, help="fleet error rate that aborts (0.05)")
     ro.add_argument("--max-p95-ratio", type=float, default=3.0, help="p95 new/old that fails a device (3)")
     ro.add_argument("--min-p95-increase-ms", type=float, default=0.5, help="p95 increase below this is noise (0.5)")
+    ro.add_argument(
+        "--unjudged",
+        choices=["fail", "pass"],
+        default="fail",
+        help="a device with too little traffic in its window: fail it (default) or count it as a pass",
+    )
     ro.add_argument("--detach", action="store_true", help="create it and return; `resume` drives it")
     ro.set_defaults(func=cmd_rollout)
 

@@ -25,6 +25,7 @@ from edge_runtime.contracts.fleet import (
     ModelSpec,
     StandbySpec,
     UpdateOutcome,
+    VerdictKind,
 )
 from edge_runtime.device.agent.downloads import Downloads, UpdateRefused
 from edge_runtime.device.agent.health_window import Verdict
@@ -136,6 +137,9 @@ class Converger:
             keep_old=keep_old,
             on_serving=self.publish_state,
         )
+        if result.verdict is VerdictKind.STOPPED:  # not a verdict: tried again after the restart
+            self.event("update-interrupted", {"model": name, "from": active, "to": version})
+            return
         if result.outcome is not UpdateOutcome.COMMITTED:
             self.rejected.add(key)
         window = Verdict(result.outcome is UpdateOutcome.COMMITTED, result.reason, result.figures).window_figures()

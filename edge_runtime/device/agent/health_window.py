@@ -31,7 +31,9 @@ def evaluate(policy: HealthPolicy, baseline: VersionStats | None, current: Versi
         "old": baseline.snapshot().model_dump() if baseline else None,
     }
     if rows == 0:
-        return Verdict(True, "no traffic during the window", figures, VerdictKind.IDLE)
+        if policy.min_inferences == 0:  # the policy asked for no traffic: nothing to judge, by design
+            return Verdict(True, "no traffic during the window (none required)", figures)
+        return Verdict(True, "unjudged: no traffic during the window", figures, VerdictKind.IDLE)
     error_rate = (cur.errors + cur.nonfinite) / rows  # one snapshot: counts and rows from the same moment
     figures["error_rate"] = error_rate
     if cur.errors and cur.errors == rows:

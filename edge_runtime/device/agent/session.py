@@ -11,6 +11,7 @@ convergence.py's job, bundles arrive through downloads.py, versions move through
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_runtime import __version__
-from edge_runtime.contracts.durable import take_corruption_reports
+from edge_runtime.contracts.durable import atomic_write, take_corruption_reports
 from edge_runtime.contracts.fleet import (
     PREFIX,
     DesiredState,
@@ -92,6 +93,7 @@ class Agent:
         self.records = AgentRecords(self.dir)
         self.outbox = Outbox(store.root / "outbox.db", cfg.outbox_max_bytes)
         self.seq = SeqGuard(self.dir / "control-seq.json", known=self.records.known_seqs())
+        self._write_identity()
         self.rebuilt = take_corruption_reports()  # state files found corrupt at start (store, guard, records)
         self._restarts: list[float] = []
         self._errors = runtime.metrics.registry.counter(
@@ -153,6 +155,14 @@ class Agent:
             "updater": self._update_loop,
         }
         self._threads = {name: self._thread(name) for name in self._workers}
+
+    def _write_identity(self) -> None:
+        """Who this state dir belongs to, for `edgert status` (which runs without the daemon)."""
+        identity = {"device": self.cfg.device_id, "group": self.cfg.group, "target": self.cfg.target}
+        try:
+            atomic_write(self.dir / "identity.json", json.dumps(identity).encode())
+        except OSError as e:
+            log.error("cannot record the device identity: %s", e)
 
     # compatibility views for callers and tests
     @property

@@ -134,6 +134,8 @@ class Updater:
         baseline = handle.previous.stats if handle.previous is not None else None
         crash_point("health")
         verdict = self._window(policy, baseline, handle.current.stats, stop)
+        if verdict.kind is VerdictKind.STOPPED:
+            return self._interrupt(name, current, version)
         if not verdict.healthy:
             return self._roll_back(name, current, version, verdict.reason, verdict.figures, verdict.kind)
         self.store.end_update(name)
@@ -156,8 +158,16 @@ class Updater:
                 and stats.rows >= max(5, policy.min_inferences // 4)
             ):
                 return verdict
-            if (elapsed >= policy.window_s and stats.rows >= policy.min_inferences) or time.monotonic() > hard_stop:
+            if elapsed >= policy.window_s and stats.rows >= policy.min_inferences:
                 return verdict
+            if time.monotonic() > hard_stop:
+                if stats.rows >= policy.min_inferences and stats.rows:
+                    return verdict
+                # Too little traffic to judge: nothing bad was seen, so the version stays, but the
+                # fleet is told it is unjudged (a canary on idle devices proves nothing).
+                n = stats.rows
+                why = f"unjudged: {n} inferences in {elapsed:.0f} s (the window needs {policy.min_inferences})"
+                return Verdict(True, why, verdict.figures, VerdictKind.IDLE)
             if stop():
                 return Verdict(False, "the daemon is stopping during the health window", {}, VerdictKind.STOPPED)
 
@@ -181,6 +191,18 @@ class Updater:
             except Exception as e:  # a bad version must never take the serving one down
                 log.error("cannot serve %s %s: %s", model.name, model.version, e)
         return changed
+
+    def _interrupt(self, name: str, old: str | None, new: str) -> UpdateResult:
+        """The daemon is stopping (SIGTERM) during the window: nothing was judged, so nothing is
+        held against the new version. The pointer goes back to the old version (the state a
+        restart must find consistent) without recording a rollback, and after the restart the
+        agent converges on the desired state again: the window is run anew. A fleet rollback
+        interrupted this way still ends on its desired version."""
+        log.warning("health window of %s %s interrupted by shutdown; it resumes after the restart", name, new)
+        if old is not None:
+            self.store.activate(name, old)
+        self.store.end_update(name)
+        return UpdateResult(name, new, UpdateOutcome.ROLLED_BACK, "interrupted by shutdown", {}, VerdictKind.STOPPED)
 
     def _roll_back(
         self,

@@ -5,6 +5,7 @@ counts what it refused, and recovers by itself once the cause is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -304,13 +305,14 @@ def test_full_disk_during_telemetry_is_survived_and_telemetry_resumes(
         try:
             wait_for(lambda: len(w.telemetry_seqs) >= 3, 20, "telemetry flowing")
             filler = disk / "filler"
-            with open(filler, "wb") as f:  # fill the disk to the last byte
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk to the last byte
+            try:
+                for size in (65536, 4096, 1):
+                    with contextlib.suppress(OSError):
+                        while True:
+                            os.write(fd, b"\0" * size)
+            finally:
+                os.close(fd)
             os.sync()
             time.sleep(3)  # ten telemetry periods on a full disk
             assert health_ok(daemon.url) and infer_ok(daemon.url)

@@ -1,7 +1,11 @@
 """Cold start of the single binary: size, process start -> ready (model loaded and warmed),
 and -> first answered request, under `env -i` from a clean directory. Table + PNG.
 
-    bash packaging/build-binary.sh && python bench/bench_binary.py [--runs 5]
+    bash packaging/build-binary.sh && python bench/bench_binary.py [--runs 5] [--baseline OLD_BINARY]
+
+With --baseline, both binaries are measured interleaved (run i of each back to back), so a
+before/after comparison sees the same machine load; the table also counts the edge_runtime
+modules each binary holds (with the build venv's PyInstaller, when .venv-build exists).
 """
 
 from __future__ import annotations
@@ -35,13 +39,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def boot(dev: Path) -> tuple[float, float]:
+    port = free_port()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["env", "-i", "./edgert", "serve", "--state-dir", "state", "--port", str(port)],
+                            cwd=dev, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    c = Client(f"http://127.0.0.1:{port}")
+    while True:
+        try:
+            if c.ready():
+                break
+        except OSError:
+            time.sleep(0.01)
+    ready = time.monotonic() - t0
+    c.infer("orientation", np.zeros((1, 3, 224, 224), np.float32))
+    first = time.monotonic() - t0
+    c.close()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    return ready, first
+
+
+def modules(binary: Path) -> list[str]:
+    py = REPO / ".venv-build" / "bin" / "python"
+    if not py.exists():
+        return []
+    out = subprocess.run([str(py), str(REPO / "packaging" / "list-binary.py"), str(binary), "edge_runtime"],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.split()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--binary", default=str(REPO / "dist" / "edgert"))
+    ap.add_argument("--baseline", help="another build of the binary to compare with (e.g. the previous commit's)")
     args = ap.parse_args()
-    binary = Path(args.binary)
-    rows = []
+    binaries = {"current": Path(args.binary)}
+    if args.baseline:
+        binaries = {"baseline": Path(args.baseline), **binaries}
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in binaries}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         generate_keypair(tmp / "keys")
@@ -53,56 +90,51 @@ def main() -> None:
             key=tmp / "keys" / "signing.key", out=tmp / "o.edgepkg",
             preprocess=PreprocessSpec.model_validate(recipe.preprocess), labels=list(recipe.labels or ()),
         ))  # fmt: skip
-        dev = tmp / "device"
-        dev.mkdir()
-        shutil.copy2(binary, dev / "edgert")
-        shutil.copy2(res.path, dev / "o.edgepkg")
-        shutil.copy2(tmp / "keys" / "signing.pub", dev / "fleet.pub")
-        install = ["env", "-i", "./edgert", "install", "o.edgepkg", "--state-dir", "state", "--trust", "fleet.pub"]
-        subprocess.run(install, cwd=dev, check=True, capture_output=True)
+        devs = {}
+        for label, binary in binaries.items():
+            dev = devs[label] = tmp / f"device-{label}"
+            dev.mkdir()
+            shutil.copy2(binary, dev / "edgert")
+            shutil.copy2(res.path, dev / "o.edgepkg")
+            shutil.copy2(tmp / "keys" / "signing.pub", dev / "fleet.pub")
+            install = ["env", "-i", "./edgert", "install", "o.edgepkg", "--state-dir", "state", "--trust", "fleet.pub"]
+            subprocess.run(install, cwd=dev, check=True, capture_output=True)
         for _ in range(args.runs):
-            port = free_port()
-            t0 = time.monotonic()
-            proc = subprocess.Popen(["env", "-i", "./edgert", "serve", "--state-dir", "state", "--port", str(port)],
-                                    cwd=dev, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-            c = Client(f"http://127.0.0.1:{port}")
-            while True:
-                try:
-                    if c.ready():
-                        break
-                except OSError:
-                    time.sleep(0.01)
-            ready = time.monotonic() - t0
-            c.infer("orientation", np.zeros((1, 3, 224, 224), np.float32))
-            first = time.monotonic() - t0
-            c.close()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            rows.append({"ready_s": ready, "first_answer_s": first})
-    size = binary.stat().st_size
-    result = {"binary_mb": size / 1e6, "runs": rows,
-              "ready_s_median": statistics.median(r["ready_s"] for r in rows),
-              "first_answer_s_median": statistics.median(r["first_answer_s"] for r in rows)}  # fmt: skip
+            for label, dev in devs.items():
+                ready, first = boot(dev)
+                rows[label].append({"ready_s": ready, "first_answer_s": first})
+    result = {}
+    for label, binary in binaries.items():
+        mods = modules(binary)
+        result[label] = {
+            "binary": str(binary), "binary_mb": binary.stat().st_size / 1e6, "runs": rows[label],
+            "ready_s_median": statistics.median(r["ready_s"] for r in rows[label]),
+            "first_answer_s_median": statistics.median(r["first_answer_s"] for r in rows[label]),
+            "edge_runtime_modules": len(mods),
+            "host_modules": [m for m in mods if m.startswith(("edge_runtime.fleet", "edge_runtime.pack",
+                             "edge_runtime.zoo", "edge_runtime.image", "edge_runtime.demo", "edge_runtime.flash",
+                             "edge_runtime.cli.host"))],
+        }  # fmt: skip
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "binary.json").write_text(json.dumps(result, indent=2))
-    print(f"binary {result['binary_mb']:.0f} MB (onefile, x86-64, unstripped)")
-    print("run | start -> ready (s) | start -> first answer (s)")
-    for i, r in enumerate(rows):
-        print(f"{i + 1:3d} | {r['ready_s']:18.2f} | {r['first_answer_s']:.2f}")
-    print(f"median: ready {result['ready_s_median']:.2f} s, first answer {result['first_answer_s_median']:.2f} s")
+    print("binary | size MB | edge_runtime modules | host-side modules | ready s (median) | first answer s (median)")
+    for label, r in result.items():
+        print(f"{label} | {r['binary_mb']:.1f} | {r['edge_runtime_modules']} | {len(r['host_modules'])} | "
+              f"{r['ready_s_median']:.2f} | {r['first_answer_s_median']:.2f}")  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["ready_s"] for r in rows], 0.4, label="start -> ready (warm)")
-    ax.bar(x + 0.2, [r["first_answer_s"] for r in rows], 0.4, label="start -> first answer")
+    width = 0.8 / len(result)
+    for i, (label, r) in enumerate(result.items()):
+        x = np.arange(len(r["runs"])) + i * width
+        ax.bar(x, [run["ready_s"] for run in r["runs"]], width, label=f"{label}: start -> ready")
     ax.set_xlabel("run")
     ax.set_ylabel("seconds")
-    ax.set_title(f"edgert binary cold start ({result['binary_mb']:.0f} MB, env -i)")
+    ax.set_title("edgert binary cold start (env -i, orientation INT8)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "binary.png", dpi=100)

@@ -159,6 +159,20 @@ class ModelStore:
         rollbacks = self._history()
         return rollbacks[-1] if rollbacks else None
 
+    def prune(self, name: str, keep: set[str]) -> list[str]:
+        """Remove installed versions of ``name`` not in ``keep`` (never the active one)."""
+        active = next((m.version for m in self.active() if m.name == name), None)
+        removed = []
+        for version in self.installed_versions(name):
+            if version in keep or version == active:
+                continue
+            try:
+                self.bundle_path(name, version).unlink()
+                removed.append(version)
+            except OSError as e:
+                log.error("cannot remove %s %s: %s", name, version, e)
+        return removed
+
     def installed_versions(self, name: str) -> list[str]:
         """Installed versions, newest first by semantic version (unparsable names last)."""
         names = [p.stem for p in (self.models_dir / name).glob("*.edgepkg")]

@@ -442,3 +442,106 @@ def test_a_window_interrupted_by_shutdown_resumes_on_the_desired_version(
         ctl.disconnect()
         daemon.stop()
         w.close()
+
+
+# --- 5. the fleet must not believe what it cannot check: slow and failing bundle stores ---------
+
+
+class BundleStore:
+    """A bundle server on loopback that misbehaves on purpose: ``flaky`` cuts the first response
+    half way, ``stall`` sends a little and then nothing. Ranges are honoured (206)."""
+
+    def __init__(self, data: bytes, mode: str) -> None:
+        import http.server
+        import threading
+
+        self.data, self.mode, self.ranges, self.requests = data, mode, [], 0
+        store = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                store.requests += 1
+                rng = self.headers.get("Range")
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                store.ranges.append(rng)
+                body = store.data[start:]
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if store.mode == "flaky" and store.requests == 1:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # cut mid-transfer: a network blip
+                    return
+                if store.mode == "stall":
+                    self.wfile.write(body[:1024])
+                    self.wfile.flush()
+                    time.sleep(60)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/bundle"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_network_blip_is_resumed_and_a_stalled_store_never_blocks_a_rollback(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    from edge_runtime.fleet import bundle_ref
+
+    state = tmp_path / "state"
+    key = keys / "signing.key"
+    edgert("install", str(make_bundle(tmp_path / "1.0.0.edgepkg", key, "1.0.0")), "--state-dir", str(state),
+           "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    w = Watcher(broker, "sv3")
+    ctl = broker.client("controller")
+    fk = load_private_key(fleet_key / "signing.key")
+    daemon = Daemon(state, *serve_args(broker, "sv3", fleet_key, password(tmp_path, "sv3")))
+    stores: list[BundleStore] = []
+    try:
+        wait_for(lambda: w.state.get("models"), 20, "the device's state")
+        # 1. The first transfer is cut half way: resumed with a Range request, never a refusal.
+        v11 = make_bundle(tmp_path / "1.1.0.edgepkg", key, "1.1.0")
+        flaky = BundleStore(v11.read_bytes(), "flaky")
+        stores.append(flaky)
+        ref = bundle_ref(v11, chunked=False, url=flaky.url)
+        publish_desired(ctl, fk, "sv3", time.time_ns() // 1000, {"cls": {"version": "1.1.0", "bundle": ref,
+                        "health": HEALTH}})  # fmt: skip
+        wait_for(lambda: w.event("update-committed"), 60, "the update after the blip")
+        assert w.event("download-interrupted") and not w.event("update-refused")
+        assert any(r and r.startswith("bytes=") and r != "bytes=0-" for r in flaky.ranges), flaky.ranges
+        assert w.state["models"]["cls"]["outcome"]["outcome"] == "committed"
+        # 2. A store that stalls: a signed rollback to the installed 1.0.0 still goes through.
+        v12 = make_bundle(tmp_path / "1.2.0.edgepkg", key, "1.2.0")
+        stall = BundleStore(v12.read_bytes(), "stall")
+        stores.append(stall)
+        w.events.clear()
+        publish_desired(ctl, fk, "sv3", time.time_ns() // 1000, {"cls": {"version": "1.2.0", "bundle": bundle_ref(
+            v12, chunked=False, url=stall.url), "health": HEALTH}})  # fmt: skip
+        wait_for(lambda: stall.requests >= 1, 20, "the stalled download to start")
+        t0 = time.monotonic()
+        publish_desired(ctl, fk, "sv3", time.time_ns() // 1000,
+                        {"cls": {"version": "1.0.0", "allow_downgrade": True, "health": HEALTH}})  # fmt: skip
+        wait_for(lambda: w.state.get("models", {}).get("cls", {}).get("serving") == "1.0.0", 40,
+                 "the rollback despite the stalled bundle store")  # fmt: skip
+        print(f"rollback applied {time.monotonic() - t0:.1f} s after it was signed, behind a stalled download")
+        assert not w.event("update-refused")
+        # the stalled 1.2.0 is no longer wanted: its partial download is gone (disk budget)
+        wait_for(lambda: not list((state / "downloads").glob("*")), 20, "unwanted partial downloads removed")
+    finally:
+        for s in stores:
+            s.close()
+        ctl.publish("edgert/v1/devices/sv3/desired", b"", qos=1, retain=True).wait_for_publish(5)
+        ctl.loop_stop()
+        ctl.disconnect()
+        daemon.stop()
+        w.close()

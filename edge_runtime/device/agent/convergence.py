@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from edge_runtime.contracts.fleet import (
     UpdateOutcome,
     VerdictKind,
 )
-from edge_runtime.device.agent.downloads import Downloads, UpdateRefused
+from edge_runtime.device.agent.downloads import DownloadInterrupted, Downloads, DownloadSuperseded, UpdateRefused
 from edge_runtime.device.agent.health_window import Verdict
 from edge_runtime.device.agent.records import AgentRecords
 from edge_runtime.device.agent.updater import Updater, crash_point
@@ -70,6 +71,8 @@ class Converger:
         self.desired: dict[str, dict[str, ModelSpec]] = {}  # scope -> models
         self.rejected: set[RefusalKey] = set()
         self.crashed = crashed
+        self._retry: dict[RefusalKey, tuple[float, float]] = {}  # key -> (not before, backoff s)
+        self._wanted_shas: set[str] = set()
 
     # --- accepted desired state ------------------------------------------------------
 
@@ -96,7 +99,15 @@ class Converger:
 
     def converge_all(self, stopping: Callable[[], bool]) -> None:
         active = {m.name: m.version for m in self.store.active()}
-        for name, spec in self.wanted().items():
+        wanted = self.wanted()
+        refs = [r for s in wanted.values() for r in (s.bundle, s.standby and s.standby.bundle,
+                                                     s.experiment and s.experiment.bundle) if r]  # fmt: skip
+        shas = {r.sha256 for r in refs}
+        for sha in self._wanted_shas - shas:  # replaced by a newer desired state: gone at once
+            self.downloads.discard(sha)
+        self._wanted_shas = shas
+        self.downloads.clean(keep=shas)  # leftovers of older runs, after a grace period
+        for name, spec in wanted.items():
             if stopping():
                 return
             try:
@@ -113,11 +124,27 @@ class Converger:
         key = refusal_key(name, version, spec.bundle)
         if key in self.rejected or (name, version) in self.crashed:
             return
+        if time.monotonic() < self._retry.get(key, (0.0, 0.0))[0]:
+            return  # a transient download failure: backing off
         try:
-            path = self._installed_or_obtain(name, version, spec.bundle)
+            path = self._installed_or_obtain(name, version, spec.bundle, lambda: self.wanted().get(name) is not spec)
             if path is None:
                 return  # chunks still arriving; the session wakes us when the last one lands
             self.updater.stage(name, version, path, spec.allow_downgrade)
+            self._retry.pop(key, None)
+            if path.parent == self.downloads.root:
+                path.unlink(missing_ok=True)  # the store holds it now
+        except DownloadSuperseded:
+            if spec.bundle is not None:
+                self.downloads.discard(spec.bundle.sha256)  # its partial file goes with it
+            return  # a newer desired state came in: the next pass follows it
+        except DownloadInterrupted as e:  # never a refusal: resumed (HTTP Range) after a back-off
+            delay = min(300.0, max(2.0, self._retry.get(key, (0.0, 1.0))[1] * 2))
+            self._retry[key] = (time.monotonic() + delay, delay)
+            log.warning("download of %s %s interrupted (%s); resuming in %.0f s", name, version, e, delay)
+            self.event("download-interrupted", {"model": name, "version": version, "reason": str(e)[:300],
+                                                "retry_in_s": delay})  # fmt: skip
+            return
         except UpdateRefused as e:
             self.rejected.add(key)
             log.error("update to %s %s refused: %s", name, version, e)
@@ -146,9 +173,22 @@ class Converger:
         outcome = {"model": name, "from": active, "to": version, "reason": result.reason}
         self.event(f"update-{result.outcome.value}", {**outcome, "figures": window.model_dump()})
         self.records.record_outcome(name, version, result.outcome, result.reason, self.seqs(), window, result.verdict)
+        if result.outcome is UpdateOutcome.COMMITTED:
+            self._prune(name, spec, previous=active)
         self.publish_state()
 
-    def _installed_or_obtain(self, name: str, version: str, ref: BundleRef | None) -> Path | None:
+    def _prune(self, name: str, spec: ModelSpec, previous: str | None) -> None:
+        """Disk budget: keep the active version, the one before it (instant local rollback), a
+        blue-green standby and an experiment's variant; remove the rest."""
+        keep = {v for v in (spec.version, previous) if v}
+        keep |= {x.version for x in (spec.standby, spec.experiment) if x is not None}
+        removed = self.store.prune(name, keep)
+        if removed:
+            self.event("bundles-pruned", {"model": name, "removed": removed})
+
+    def _installed_or_obtain(
+        self, name: str, version: str, ref: BundleRef | None, cancelled: Callable[[], bool] = lambda: False
+    ) -> Path | None:
         """A version still in the store (the one before an update, a blue-green standby) needs no
         download: switching back to it is local. It is verified again all the same."""
         installed = self.store.bundle_path(name, version)
@@ -158,7 +198,7 @@ class Converger:
             raise UpdateRefused(f"{name} {version} is not installed and the desired state names no bundle")
         if installed.exists() and hashlib.sha256(installed.read_bytes()).hexdigest() == ref.sha256:
             return installed
-        return self.downloads.obtain(ref, crash_point)
+        return self.downloads.obtain(ref, crash_point, cancelled)
 
     # --- standby and experiments -----------------------------------------------------
 

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -69,28 +71,76 @@ class ChunkStore:
         return dest
 
 
-def fetch_url(ref: BundleRef, dest: Path, timeout: float = 60.0) -> Path:
+class DownloadInterrupted(Exception):
+    """A transient failure (DNS, refused or reset connection, timeout, HTTP 5xx/429): the partial
+    download is kept and resumed later with an HTTP Range request; never counted as a refusal."""
+
+
+class DownloadSuperseded(Exception):
+    """A newer desired state made this download pointless (a rollback, another version)."""
+
+
+def fetch_url(
+    ref: BundleRef,
+    dest: Path,
+    timeout: float = 10.0,
+    deadline_s: float = 300.0,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Path:
+    """Download ``ref.url`` to ``dest``, checking size and sha256 against the signed reference.
+
+    A partial file (``dest.part``) is resumed with ``Range``; ``timeout`` bounds each read,
+    ``deadline_s`` the whole attempt, and ``cancelled`` is checked between blocks so a newer
+    desired state is never stuck behind a slow bundle store."""
     if not ref.url:
         raise UpdateRefused("bundle reference names no URL")
-    tmp = dest.with_name(dest.name + ".tmp")
-    h, n = hashlib.sha256(), 0
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > ref.size:
+        part.unlink()
+        have = 0
+    request = urllib.request.Request(ref.url)
+    if have and ref.url.startswith(("http://", "https://")):
+        request.add_header("Range", f"bytes={have}-")
+    started = time.monotonic()
     try:
-        with urllib.request.urlopen(ref.url, timeout=timeout) as r, open(tmp, "wb") as out:
-            while chunk := r.read(1 << 20):
-                n += len(chunk)
-                if n > ref.size:
-                    raise UpdateRefused(f"{ref.url} is larger than the {ref.size} bytes announced")
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UpdateRefused(f"cannot fetch {ref.url}: {e}") from e
-    if n != ref.size or h.hexdigest() != ref.sha256:
-        tmp.unlink(missing_ok=True)
-        raise UpdateRefused(f"{ref.url}: {n} bytes, sha256 {h.hexdigest()[:12]}: does not match the signed reference")
-    os.replace(tmp, dest)
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status = getattr(r, "status", 200)
+            mode = "ab" if have and status == 206 else "wb"  # a server ignoring Range sends it all
+            n = have if mode == "ab" else 0
+            with open(part, mode) as out:
+                while chunk := r.read(1 << 20):
+                    n += len(chunk)
+                    if n > ref.size:
+                        out.close()
+                        part.unlink(missing_ok=True)
+                        raise UpdateRefused(f"{ref.url} is larger than the {ref.size} bytes announced")
+                    out.write(chunk)
+                    if cancelled():
+                        raise DownloadSuperseded(f"{ref.url}: a newer desired state arrived")
+                    if time.monotonic() - started > deadline_s:
+                        raise DownloadInterrupted(f"{ref.url}: not complete within {deadline_s:.0f} s ({n} bytes)")
+                out.flush()
+                os.fsync(out.fileno())
+    except urllib.error.HTTPError as e:
+        if e.code >= 500 or e.code in (408, 429):
+            raise DownloadInterrupted(f"{ref.url}: HTTP {e.code} (temporary)") from e
+        raise UpdateRefused(f"cannot fetch {ref.url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:  # DNS, refused, reset, timeout: try again later
+        raise DownloadInterrupted(f"{ref.url}: {getattr(e, 'reason', e)}") from e
+    h = hashlib.sha256()
+    with open(part, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    size = part.stat().st_size
+    if size < ref.size:
+        raise DownloadInterrupted(f"{ref.url}: connection ended after {size} of {ref.size} bytes")
+    if h.hexdigest() != ref.sha256:
+        part.unlink(missing_ok=True)
+        raise UpdateRefused(
+            f"{ref.url}: {size} bytes, sha256 {h.hexdigest()[:12]}: does not match the signed reference"
+        )
+    os.replace(part, dest)
     return dest
 
 
@@ -117,11 +167,48 @@ class Downloads:
         self._chunks: dict[str, ChunkStore] = {}
         self._lock = threading.Lock()
 
+    def discard(self, sha256: str) -> None:
+        """Drop everything downloaded for one bundle (superseded, or refused)."""
+        self.clean(keep=set(), only={sha256}, older_than_s=0.0)
+
+    def clean(self, keep: set[str], only: set[str] | None = None, older_than_s: float = 600.0) -> int:
+        """Remove downloads (partial or whole) and chunk folders of bundles not in ``keep`` that
+        were last touched more than ``older_than_s`` ago: a failed or abandoned transfer must not
+        keep the disk full. The grace period lets a restarted agent hear its retained desired
+        state (and resume a transfer) before anything is judged unwanted."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        now = time.time()
+        for p in self.root.iterdir():
+            sha = p.name.split(".", 1)[0]
+            if sha in keep or (only is not None and sha not in only):
+                continue
+            try:
+                if now - p.stat().st_mtime < older_than_s:
+                    continue
+            except OSError:
+                continue
+            try:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed += 1
+            except OSError as e:
+                log.error("cannot remove %s: %s", p, e)
+        return removed
+
     def in_progress(self) -> list[str]:
         with self._lock:
             return list(self._chunks)
 
-    def obtain(self, ref: BundleRef, crash_point: Callable[[str], None] = lambda step: None) -> Path | None:
+    def obtain(
+        self,
+        ref: BundleRef,
+        crash_point: Callable[[str], None] = lambda step: None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Path | None:
         """The bundle file, or None while its chunks are still arriving (``on_complete`` fires
         when the last one lands)."""
         dest = self.root / f"{ref.sha256}.edgepkg"
@@ -129,7 +216,7 @@ class Downloads:
             return dest
         crash_point("download")
         if ref.url:
-            return fetch_url(ref, dest)
+            return fetch_url(ref, dest, cancelled=cancelled)
         with self._lock:
             chunks = self._chunks.get(ref.sha256)
             if chunks is None:

@@ -545,3 +545,54 @@ def test_a_network_blip_is_resumed_and_a_stalled_store_never_blocks_a_rollback(
         ctl.disconnect()
         daemon.stop()
         w.close()
+
+
+def test_a_full_disk_during_a_chunked_download_frees_it_and_the_update_completes_later(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    w = Watcher(broker, "sv1")
+    ctl = broker.client("controller")
+    daemon = None
+    try:
+        state = disk / "state"
+        edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+               str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+        daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")),
+                        log=tmp_path / "daemon.log")  # fmt: skip
+        wait_for(lambda: w.state.get("models"), 20, "the device's state")
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            for size in (65536, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+        finally:
+            os.close(fd)
+        v2 = make_bundle(tmp_path / "v2.edgepkg", keys / "signing.key", "1.1.0")
+        ref = publish_bundle(ctl, v2, chunk_size=1024)
+        publish_desired(ctl, load_private_key(fleet_key / "signing.key"), "sv1", time.time_ns() // 1000,
+                        {"cls": {"version": "1.1.0", "bundle": ref, "health": HEALTH}})  # fmt: skip
+        time.sleep(3)  # the chunks arrive on a full disk
+        assert daemon.proc.poll() is None and health_ok(daemon.url) and infer_ok(daemon.url)
+        chunk_dir = state / "downloads" / ref.sha256
+        assert not chunk_dir.exists() or not list(chunk_dir.glob("*.chunk"))  # what it held was freed
+        assert "abandoned" in daemon.output() and "Traceback" not in daemon.output()
+        filler.unlink()  # space returns: the transfer starts over from the retained chunks
+        wait_for(lambda: w.state.get("models", {}).get("cls", {}).get("serving") == "1.1.0", 60,
+                 "the update once space returned")  # fmt: skip
+        assert not (state / "downloads" / f"{ref.sha256}.edgepkg").exists()  # the store holds it, not downloads
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        ctl.publish("edgert/v1/devices/sv1/desired", b"", qos=1, retain=True).wait_for_publish(5)
+        ctl.loop_stop()
+        ctl.disconnect()
+        w.close()
+        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -165,6 +165,7 @@ class Downloads:
             log.error("cannot create %s: %s", root, e)
         self._subscribe, self._unsubscribe, self._on_complete = subscribe, unsubscribe, on_complete
         self._chunks: dict[str, ChunkStore] = {}
+        self._failed: dict[str, str] = {}  # sha256 -> why its transfer was abandoned
         self._lock = threading.Lock()
 
     def discard(self, sha256: str) -> None:
@@ -218,13 +219,20 @@ class Downloads:
         if ref.url:
             return fetch_url(ref, dest, cancelled=cancelled)
         with self._lock:
+            failed = self._failed.pop(ref.sha256, None)
+            if failed is not None:  # a chunk could not be written (disk full): start over later
+                raise DownloadInterrupted(failed)
             chunks = self._chunks.get(ref.sha256)
             if chunks is None:
                 chunks = self._chunks[ref.sha256] = ChunkStore(self.root, ref)
                 self._subscribe(chunk_topic(ref.sha256, "+"))
         if chunks.missing():
             return None
-        path = chunks.assemble(dest)
+        try:
+            path = chunks.assemble(dest)
+        except OSError as e:
+            self._abandon(ref.sha256, f"cannot assemble the bundle: {e}")
+            raise DownloadInterrupted(f"cannot assemble {ref.sha256[:12]}: {e}") from e
         with self._lock:
             self._chunks.pop(ref.sha256, None)
         self._unsubscribe(chunk_topic(ref.sha256, "+"))
@@ -236,5 +244,21 @@ class Downloads:
             return
         with self._lock:
             chunks = self._chunks.get(parts[3])
-        if chunks is not None and chunks.put(int(parts[4]), payload) and not chunks.missing():
+        if chunks is None:
+            return
+        try:
+            complete = chunks.put(int(parts[4]), payload) and not chunks.missing()
+        except OSError as e:  # disk full: free what this transfer holds, back off, try again later
+            self._abandon(parts[3], f"cannot store a chunk: {e}")
+            self._on_complete()  # wake the updater: it reports the interruption and backs off
+            return
+        if complete:
             self._on_complete()
+
+    def _abandon(self, sha256: str, reason: str) -> None:
+        log.error("download of %s abandoned: %s; its chunks are removed", sha256[:12], reason)
+        with self._lock:
+            self._chunks.pop(sha256, None)
+            self._failed[sha256] = reason
+        self._unsubscribe(chunk_topic(sha256, "+"))
+        self.discard(sha256)

@@ -133,7 +133,8 @@ class Outbox:
                 count, size = self._enforce_bounds(self._count + 1, self._size + len(payload))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._count, self._size = count, size
         self.wake.set()
@@ -192,7 +193,8 @@ class Outbox:
                 self._db.execute("DELETE FROM records WHERE seq <= ?", (up_to,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._count, self._size = self._count - int(gone), self._size - int(size)
 

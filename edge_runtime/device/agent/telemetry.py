@@ -53,7 +53,10 @@ class Telemetry:
                     models[h.name] = {"version": h.current.version, **h.current.stats.snapshot().model_dump()}
                 self.outbox.put("metrics", {"models": models, "outbox": self.outbox.stats()})
                 self.publish_state()
-            except Exception:  # one bad snapshot (a full disk) must not end telemetry for good
+            except OSError as e:  # a full or failing disk: expected in the field, one line each time
+                error("telemetry")
+                log.error("telemetry snapshot not stored (%s); trying again next period", e)
+            except Exception:  # anything else must not end telemetry for good either
                 error("telemetry")
                 log.exception("telemetry snapshot failed; trying again next period")
 

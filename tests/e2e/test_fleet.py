@@ -436,7 +436,11 @@ def test_forged_replayed_and_unauthorized_commands_are_ignored_by_every_device(
                     c.publish(f"edgert/v1/devices/{dev}/desired", other, qos=1).wait_for_publish(5)
                 # An account that may not publish there at all: the broker's ACL drops it.
                 good = sign(desired_payload("group:sec", seq + 3, models), load_private_key(fleet["fleet_key"]))
+                acks: list[Any] = []
+                intruder.on_publish = lambda cl, u, mid, rc, props: acks.append(rc)
                 intruder.publish(topic, good, qos=1).wait_for_publish(5)
+                wait_for(lambda: acks, 5, "the broker's answer to the intruder")
+                assert acks[0].value == 135, acks  # MQTT 5 "Not authorized": dropped by the ACL, by its reason code
             finally:
                 for client in (c, intruder):
                     client.disconnect()

@@ -115,6 +115,7 @@ def _serve_until_ready(
     while not any("READY=1" in m for _, m in listener.messages) and time.monotonic() < deadline:
         assert proc.poll() is None, "the daemon exited before READY"
         time.sleep(0.05)
+    assert any("READY=1" in m for _, m in listener.messages), "no READY=1 within 60 s"
     return listener, proc, port
 
 

@@ -10,6 +10,7 @@ Slow: the tool environment is created once (~2 min, from PyPI), each conversion 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_real_onnx_model_to_int8_tflite_via_onnx2tf(
                         "--key", str(keys / "signing.key"), "-o", str(tmp_path / "npu.edgepkg"))  # fmt: skip
     assert proc.returncode == 1
     assert "target npu refuses this model" in proc.stderr and "op RELU_0_TO_1 is not supported" in proc.stderr
-    assert "nodes: 4 (" in proc.stderr.replace("\n", " ") or "nodes:" in proc.stderr
+    assert re.search(r"nodes: \d+", proc.stderr), proc.stderr  # the refusal names how many nodes and which
     assert not (tmp_path / "npu.edgepkg").exists()
 
 

@@ -40,9 +40,12 @@ def test_outbox_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
 
 
 def test_outbox_is_wal_and_full_sync(tmp_path: Path) -> None:
-    Outbox(tmp_path / "o.db").close()
+    ob = Outbox(tmp_path / "o.db")
+    # synchronous is a property of the connection, not the file: ask the outbox's own one
+    assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: fsync at every commit
+    ob.close()
     db = sqlite3.connect(tmp_path / "o.db")
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent: stored in the file
     db.close()
 
 

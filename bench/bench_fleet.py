@@ -94,7 +94,9 @@ def run(n: int, tmp: Path) -> dict[str, object]:
             stdout=subprocess.DEVNULL, stderr=log,
         ))  # fmt: skip
     db = ControllerDB(tmp / "fleet.db")
-    link = FleetLink(BrokerAuth(broker.url, "controller", "ctl"), load_private_key(fleet / "signing.key"), db)
+    link = FleetLink(
+        BrokerAuth(broker.controller_url, "controller", "ctl"), load_private_key(fleet / "signing.key"), db
+    )
     link.start()
     decisions: list[tuple[float, str]] = []
     ctl = Controller(link, db, lambda m: decisions.append((time.monotonic(), m)))

@@ -16,6 +16,7 @@ from tests.conftest import REPO, free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+CONTROLLER_ACCOUNTS = {"controller"}  # log in on the controllers' listener; every other account is a device
 
 
 class Broker:
@@ -24,15 +25,22 @@ class Broker:
             raise AssertionError("mosquitto is not installed: `make test` installs Debian's mosquitto package")
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = free_port()  # devices
+        self.controller_port = free_port()  # controllers and operator tools
         self.accounts = dict(accounts)
-        pw = root / "passwd"
-        pw.touch()
+        pw, cpw = root / "passwd", root / "passwd-controllers"
+        for f in (pw, cpw):
+            f.touch()
         for user, password in accounts.items():
-            subprocess.run([PASSWD, "-b", str(pw), user, password], check=True, capture_output=True)
+            target = cpw if user in CONTROLLER_ACCOUNTS else pw
+            subprocess.run([PASSWD, "-b", str(target), user, password], check=True, capture_output=True)
+        acl = REPO / "deploy/mosquitto/acl"
+        # An extra listener for devices (TLS tests) gets the device listener's auth with {device_auth}.
+        device_auth = f"allow_anonymous false\npassword_file {pw}\nacl_file {acl}\nuse_username_as_clientid true\n"
         conf = (REPO / "deploy/mosquitto/mosquitto.conf.template").read_text().format(
-            port=self.port, bind="127.0.0.1", password_file=pw, acl_file=REPO / "deploy/mosquitto/acl",
-            data_dir=root, extra=extra + ("\nuser root" if os.geteuid() == 0 else ""),
+            port=self.port, controller_port=self.controller_port, bind="127.0.0.1", password_file=pw,
+            controller_password_file=cpw, acl_file=acl, data_dir=root,
+            extra=extra.replace("{device_auth}", device_auth) + ("\nuser root" if os.geteuid() == 0 else ""),
         )  # fmt: skip
         self.conf = root / "mosquitto.conf"
         self.conf.write_text(conf)
@@ -41,7 +49,13 @@ class Broker:
 
     @property
     def url(self) -> str:
+        """Where devices connect."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def controller_url(self) -> str:
+        """Where controllers and operator tools connect."""
+        return f"mqtt://127.0.0.1:{self.controller_port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -78,7 +92,8 @@ class Broker:
 
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 3600
-        c.connect("127.0.0.1", self.port, 30, clean_start=clean, properties=props)
+        port = self.controller_port if user in CONTROLLER_ACCOUNTS else self.port
+        c.connect("127.0.0.1", port, 30, clean_start=clean, properties=props)
         c.loop_start()
         if not connected.wait(10):
             raise AssertionError(f"{user} could not connect")

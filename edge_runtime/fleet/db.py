@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout INTEGER NOT NULL, device TEXT NOT NULL, stage INTEGER NOT NULL, status TEXT NOT NULL,
     scope TEXT NOT NULL, seq INTEGER NOT NULL, from_version TEXT, moved REAL NOT NULL,
     judged REAL, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (rollout, device));
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, grp TEXT NOT NULL, enrolled REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
     rollout INTEGER NOT NULL, ts REAL NOT NULL, message TEXT NOT NULL);
 """
@@ -166,6 +168,21 @@ class ControllerDB:
                 "SELECT name, version, target, sha256, published FROM bundles ORDER BY published"
             ).fetchall()
         return [dict(zip(("name", "version", "target", "sha256", "published"), r, strict=True)) for r in rows]
+
+    # --- device registry: the fleet's own record of which group a device is in -----------
+
+    def device_groups(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT id, grp FROM devices").fetchall())
+
+    def enroll(self, device: str, group: str, replace: bool = False) -> str:
+        """Record a device's group the first time it is seen (or, with ``replace``, as the operator
+        says); returns the group on record."""
+        with self.tx() as db:
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            db.execute(f"{verb} INTO devices (id, grp, enrolled) VALUES (?, ?, ?)", (device, group, time.time()))
+            row = db.execute("SELECT grp FROM devices WHERE id=?", (device,)).fetchone()
+        return str(row[0])
 
     # --- rollouts --------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class FleetLink:
         self.auth, self.key, self.db = auth, key, db
         self.devices: dict[str, DeviceView] = {}
         self.errors = 0  # callback failures (counted, logged, never fatal)
+        self._groups: dict[str, str] = db.device_groups()
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self.synced = threading.Event()
@@ -183,18 +184,30 @@ class FleetLink:
             with self._lock:
                 self.devices.setdefault(device, DeviceView(device)).refused += 1
             return
+        group = self._registered_group(device, data.group)
         with self._lock:
             view = self.devices.setdefault(device, DeviceView(device))
             view.last_seen = time.time()
-            if data.group:
-                view.group = data.group
+            if group != data.group:
+                view.refused += 1
+            if group:
+                view.group = group
             if isinstance(data, DeviceStatus):
                 view.online = data.online
                 view.edgert = data.edgert
             else:
                 view.state = data
 
-    # --- queries ---------------------------------------------------------------------
+    def _registered_group(self, device: str, claimed: str) -> str:
+        """The group on the fleet's own record. A device is enrolled in the group it first claims;
+        a later, different claim is not believed (a device cannot move itself into another
+        group's rollout): `edgert fleet enroll DEVICE --group G` moves it."""
+        registered = self._groups.get(device)
+        if registered is None and claimed:
+            registered = self._groups[device] = self.db.enroll(device, claimed)
+        if registered is not None and claimed and claimed != registered:
+            log.warning("device %s claims group %r; the fleet's record says %r (kept)", device, claimed, registered)
+        return registered or claimed
 
     def group(self, group: str | None) -> list[DeviceView]:
         with self._lock:

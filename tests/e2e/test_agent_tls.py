@@ -54,7 +54,7 @@ def test_agent_over_tls(tmp_path: Path, keys: Path) -> None:
         (tmp_path / name).write_bytes(_pem(obj))
     tls_port = free_port()
     extra = (f"listener {tls_port} 127.0.0.1\ncafile {tmp_path / 'ca.pem'}\ncertfile {tmp_path / 'server.pem'}\n"
-             f"keyfile {tmp_path / 'server.key'}\n")  # fmt: skip
+             f"keyfile {tmp_path / 'server.key'}\n{{device_auth}}")  # fmt: skip
     broker = Broker(tmp_path / "broker", {"controller": "c", "devtls": "t"}, extra=extra)
     try:
         seen: list[dict[str, Any]] = []

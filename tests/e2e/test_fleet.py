@@ -85,7 +85,7 @@ class Ctl:
 
     def __init__(self, broker: Broker, fleet: dict[str, Path], keys: Path, state: Path) -> None:
         self.db = ControllerDB(state)
-        auth = BrokerAuth(broker.url, "controller", ACCOUNTS["controller"])
+        auth = BrokerAuth(broker.controller_url, "controller", ACCOUNTS["controller"])
         self.link = FleetLink(auth, load_private_key(fleet["fleet_key"]), self.db)
         self.link.start()
         self.decisions: list[str] = []
@@ -98,7 +98,7 @@ class Ctl:
 
 
 def cli(broker: Broker, fleet: dict[str, Path], state: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return edgert("fleet", "--broker", broker.url, "--key", str(fleet["fleet_key"]), "--state", str(state),
+    return edgert("fleet", "--broker", broker.controller_url, "--key", str(fleet["fleet_key"]), "--state", str(state),
                   "--username", "controller", "--password-file", str(fleet["ctl_pw"]), *args, **kw)  # fmt: skip
 
 
@@ -365,7 +365,7 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     s = settings(broker, fleet, keys, "kill", rate_hz=8, bundles=(fleet["v1"],))
     with Simulation(s, 10) as sim:
         cli(broker, fleet, state, "publish", str(fleet["v2"]), "--trust", str(keys / "signing.pub"), check=True)
-        args = ["fleet", "--broker", broker.url, "--key", str(fleet["fleet_key"]), "--state", str(state),
+        args = ["fleet", "--broker", broker.controller_url, "--key", str(fleet["fleet_key"]), "--state", str(state),
                 "--username", "controller", "--password-file", str(fleet["ctl_pw"]), "rollout", "cls:2.0.0",
                 "--group", "kill", "--strategy", "staged", "--steps", "20,60,100", "--health-window", "2",
                 "--min-inferences", "8", "--min-devices", "2", "--min-p95-increase-ms", "5"]  # fmt: skip

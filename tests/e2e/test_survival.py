@@ -177,7 +177,7 @@ def test_garbage_a_device_retains_does_not_stop_the_controller(
             rogue.publish("edgert/v1/devices/sv2/state", payload, qos=1, retain=True).wait_for_publish(5)
         rogue.publish("edgert/v1/devices/sv2/status", NESTED, qos=1, retain=True).wait_for_publish(5)
         pw = password(tmp_path, "controller")
-        cmd = ["fleet", "--broker", broker.url, "--username", "controller", "--password-file", str(pw),
+        cmd = ["fleet", "--broker", broker.controller_url, "--username", "controller", "--password-file", str(pw),
                "--state", str(tmp_path / "fleet.db"), "devices", "--json"]  # fmt: skip
         listing = wait_for(
             lambda: (r := edgert(*cmd)).returncode == 0
@@ -596,3 +596,80 @@ def test_a_full_disk_during_a_chunked_download_frees_it_and_the_update_completes
         ctl.disconnect()
         w.close()
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_device_cannot_take_over_another_devices_session(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    """Client ids are the login on the devices' listener: sv2 reusing sv1's client id gets its own
+    session, and sv1 is not disconnected. Device accounts do not work on the controllers' listener."""
+    import paho.mqtt.client as mqtt
+
+    state = tmp_path / "state"
+    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    w = Watcher(broker, "sv1")
+    daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")))
+    rogue = None
+    try:
+        wait_for(lambda: w.state.get("models"), 20, "sv1 online")
+        rogue = broker.client("sv2", client_id="sv1")  # the hijack attempt
+        time.sleep(2)  # a takeover would disconnect sv1 at once and its last will would say offline
+        statuses = []
+        probe = broker.client("controller")
+        probe.on_message = lambda c, u, m: statuses.append(json.loads(m.payload)) if m.payload else None
+        probe.subscribe("edgert/v1/devices/sv1/status", 1)
+        wait_for(lambda: statuses, 10, "sv1's retained status")
+        assert statuses[-1]["online"] is True
+        assert "disconnected from the broker" not in daemon.output()
+        probe.loop_stop()
+        probe.disconnect()
+        # A device account on the controllers' listener is refused outright.
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="x", protocol=mqtt.MQTTv5)
+        c.username_pw_set("sv2", ACCOUNTS["sv2"])
+        codes: list[Any] = []
+        c.on_connect = lambda cl, u, f, rc, p: codes.append(rc)
+        c.connect("127.0.0.1", broker.controller_port, 30)
+        c.loop_start()
+        wait_for(lambda: codes, 10, "the controllers' listener to answer")
+        c.loop_stop()
+        assert codes[0].is_failure, codes
+    finally:
+        if rogue is not None:
+            rogue.loop_stop()
+            rogue.disconnect()
+        daemon.stop()
+        w.close()
+
+
+def test_the_fleet_keeps_its_own_record_of_a_devices_group(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    state = tmp_path / "state"
+    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
+           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    pw, cpw = password(tmp_path, "sv1"), password(tmp_path, "controller")
+    fleet = ["fleet", "--broker", broker.controller_url, "--username", "controller", "--password-file", str(cpw),
+             "--state", str(tmp_path / "fleet.db")]  # fmt: skip
+
+    def group_of(device: str) -> str | None:
+        listing = json.loads(edgert(*fleet, "devices", "--json", check=True).stdout)
+        return next((d["group"] for d in listing["devices"] if d["id"] == device and d["models"]), None)
+
+    base = serve_args(broker, "sv1", fleet_key, pw)
+    daemon = Daemon(state, *base)
+    try:
+        assert wait_for(lambda: group_of("sv1"), 20, "sv1 enrolled") == "grp-sv1"
+    finally:
+        daemon.stop()
+    # The device now claims another group (a misconfiguration, or a device lying): not believed.
+    claim = [*base[: base.index("--group")], "--group", "payments", *base[base.index("--group") + 2 :]]
+    daemon = Daemon(state, *claim)
+    try:
+        time.sleep(1.0)
+        assert group_of("sv1") == "grp-sv1"
+        moved = json.loads(edgert(*fleet, "enroll", "sv1", "--group", "payments", "--json", check=True).stdout)
+        assert moved == {"device": "sv1", "group": "payments", "was": "grp-sv1"}
+        assert wait_for(lambda: group_of("sv1") == "payments", 10, "the operator's move")
+    finally:
+        daemon.stop()

@@ -135,6 +135,21 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return _run(args, False, run)
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Move a device to another group on the fleet's record (no broker needed)."""
+    db = ControllerDB(Path(args.state) if args.state else default_state())
+    try:
+        before = db.device_groups().get(args.device)
+        group = db.enroll(args.device, args.group, replace=True)
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps({"device": args.device, "group": group, "was": before}))
+    else:
+        out.print(f"{args.device}: group {before or '(not enrolled)'} -> {group}")
+    return 0
+
+
 # --- publish -------------------------------------------------------------------------
 
 
@@ -436,6 +451,11 @@ def add_parser(sub: Any) -> None:
     dv = fs.add_parser("devices", parents=[common], help="what each device runs, online, last seen, health")
     dv.add_argument("--group")
     dv.set_defaults(func=cmd_devices)
+
+    en = fs.add_parser("enroll", parents=[common], help="put a device in a group on the fleet's record")
+    en.add_argument("device")
+    en.add_argument("--group", required=True)
+    en.set_defaults(func=cmd_enroll)
 
     pb = fs.add_parser("publish", parents=[common], help="verify a bundle and make it available to devices")
     pb.add_argument("bundle")

@@ -44,8 +44,9 @@ def classifier(variant: str = "good", seed: int = 0) -> bytes:
         numpy_helper.from_array(w, "W"),
         numpy_helper.from_array(w2, "W2"),
     ]
-    if variant == "slow":
+    if variant == "slow" or variant.startswith("loop"):
         # The same answer at 10x the time (measured 0.28 -> ~2.9 ms): 700 more iterations, multiplied by 0.
+        # loopN: N more iterations (a model of any cost with the very same answers).
         nodes[-1] = helper.make_node("MatMul", ["h", "W2"], ["logits1"])
         nodes += [
             helper.make_node("Loop", ["extra", "yes", "x"], ["h_extra"], body=body),
@@ -53,7 +54,8 @@ def classifier(variant: str = "good", seed: int = 0) -> bytes:
             helper.make_node("Mul", ["s", "zero"], ["z"]),
             helper.make_node("Add", ["logits1", "z"], ["logits0"]),
         ]
-        inits += [numpy_helper.from_array(np.array(700, np.int64), "extra"),
+        extra = 700 if variant == "slow" else int(variant[4:])
+        inits += [numpy_helper.from_array(np.array(extra, np.int64), "extra"),
                   numpy_helper.from_array(np.array(0.0, np.float32), "zero")]  # fmt: skip
     if variant == "bad":
         # Breaks on some data only (as real regressions do): NaN when the frame's mean level is

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +98,9 @@ class ModelHandle:
         self.previous: ModelVersion | None = None  # the version a swap replaced (health baseline)
         self.standby: ModelVersion | None = None  # loaded and warm beside the served one, not serving (blue-green)
         self.experiment: Experiment | None = None  # shadow or A/B variant
+        # Called after each batch the served version computed (feeds, that version): the health
+        # window's paired latency probe. Must return at once (it only queues).
+        self.on_served: Callable[[dict[str, np.ndarray], ModelVersion], None] | None = None
         self.batcher = Batcher(self._run, settings, observer, name)
 
     @property
@@ -127,6 +130,9 @@ class ModelHandle:
         bad = version.stats.record(rows, seconds, out)  # scans the first output once
         if exp is not None:
             exp.observe_served(version.version, rows, seconds, feeds, out)
+        probe = self.on_served
+        if probe is not None:
+            probe(feeds, version)
         others = list(out.values())[1:]
         if bad or any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in others):
             self._metrics.nonfinite.inc(model=self.name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edge_runtime.contracts.fleet import HealthPolicy, VerdictKind, WindowFigures
+from edge_runtime.device.agent.latency_pairs import PairedVerdict
 from edge_runtime.serving.stats import VersionStats
 
 
@@ -23,7 +24,12 @@ class Verdict:
         return WindowFigures.model_validate({k: f[k] for k in WindowFigures.model_fields if f.get(k) is not None})
 
 
-def evaluate(policy: HealthPolicy, baseline: VersionStats | None, current: VersionStats) -> Verdict:
+def evaluate(
+    policy: HealthPolicy, baseline: VersionStats | None, current: VersionStats, paired: PairedVerdict | None = None
+) -> Verdict:
+    """Errors and NaN/Inf from the new version's own figures; drift against the previous version's
+    figures; latency only from paired timings (latency_pairs.py): the two versions on the same
+    inputs at the same moments. Without enough pairs latency is not judged."""
     cur = current.snapshot()
     rows = cur.rows
     figures: dict[str, object] = {
@@ -42,15 +48,21 @@ def evaluate(policy: HealthPolicy, baseline: VersionStats | None, current: Versi
         what = "NaN/Inf outputs" if cur.nonfinite >= cur.errors else "failed inferences"
         reason = f"error rate {error_rate:.1%} ({what}) over {policy.max_error_rate:.1%}"
         return Verdict(False, reason, figures, VerdictKind.ERRORS)
+    if paired is not None:
+        figures["p95_ratio"] = paired.ratio
+        figures["p95_increase_ms"] = paired.increase_ms
+        figures["paired_p95_new_ms"], figures["paired_p95_old_ms"] = paired.p95_new_ms, paired.p95_old_ms
+        figures["latency_pairs"] = paired.pairs
+        figures["slower_share"] = paired.slower_share
+        figures["sign_test_p"] = paired.p_value
+        if paired.slow:
+            reason = (
+                f"p95 latency {paired.ratio:.1f}x the previous version's in paired runs on the same inputs (limit "
+                f"{policy.max_p95_ratio}x): slower in {paired.slower_share:.0%} of {paired.pairs} pairs, "
+                f"sign test p={paired.p_value:.1g}"
+            )
+            return Verdict(False, reason, figures, VerdictKind.LATENCY)
     if baseline is not None and baseline.rows >= policy.min_baseline:
-        old_p95, new_p95 = baseline.p95(), current.p95()
-        if old_p95 and new_p95:
-            ratio = new_p95 / old_p95
-            figures["p95_ratio"] = ratio
-            figures["p95_increase_ms"] = (new_p95 - old_p95) * 1000
-            if ratio > policy.max_p95_ratio and (new_p95 - old_p95) * 1000 > policy.min_p95_increase_ms:
-                reason = f"p95 latency {ratio:.1f}x the previous version's (limit {policy.max_p95_ratio}x)"
-                return Verdict(False, reason, figures, VerdictKind.LATENCY)
         drift = _drift(baseline, current)
         if drift is not None:
             figures["drift"] = drift

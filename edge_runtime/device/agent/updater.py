@@ -33,6 +33,7 @@ from edge_runtime.contracts.durable import fsync_dir
 from edge_runtime.contracts.fleet import HealthPolicy, UpdateOutcome, VerdictKind
 from edge_runtime.device.agent.downloads import UpdateRefused
 from edge_runtime.device.agent.health_window import Verdict, evaluate
+from edge_runtime.device.agent.latency_pairs import LatencyPairs
 from edge_runtime.serving.runtime import Runtime
 from edge_runtime.serving.stats import VersionStats
 from edge_runtime.serving.store import ModelStore
@@ -126,14 +127,25 @@ class Updater:
             if current is None:
                 self.runtime.load(self.store.bundle_path(name, version))
             else:
-                self.runtime.swap(self.store.bundle_path(name, version), keep_old=keep_old)
+                # The old version stays warm through the window: paired latency needs it, and a
+                # rollback then is an instant switch back.
+                self.runtime.swap(self.store.bundle_path(name, version), keep_old=True)
         except Exception as e:  # crash on load (or warm-up): never served
             return self._roll_back(name, current, version, f"new version failed to load: {e}", {}, VerdictKind.LOAD)
         on_serving()
         handle = self.runtime.get(name)
         baseline = handle.previous.stats if handle.previous is not None else None
+        pairs = LatencyPairs(handle.current, handle.standby) if current is not None and handle.standby else None
+        handle.on_served = pairs.offer if pairs is not None else None
         crash_point("health")
-        verdict = self._window(policy, baseline, handle.current.stats, stop)
+        try:
+            verdict = self._window(policy, baseline, handle.current.stats, stop, pairs)
+        finally:
+            handle.on_served = None
+            if pairs is not None:
+                pairs.close()
+        if verdict.healthy and not keep_old and current is not None:
+            self.runtime.release_standby(name)  # committed: the old version is freed (unless blue-green)
         if verdict.kind is VerdictKind.STOPPED:
             return self._interrupt(name, current, version)
         if not verdict.healthy:
@@ -142,14 +154,20 @@ class Updater:
         return UpdateResult(name, version, UpdateOutcome.COMMITTED, verdict.reason, verdict.figures, verdict.kind)
 
     def _window(
-        self, policy: HealthPolicy, baseline: VersionStats | None, stats: VersionStats, stop: Callable[[], bool]
+        self,
+        policy: HealthPolicy,
+        baseline: VersionStats | None,
+        stats: VersionStats,
+        stop: Callable[[], bool],
+        pairs: LatencyPairs | None = None,
     ) -> Verdict:
         start = time.monotonic()
         hard_stop = start + 3 * policy.window_s
         while True:
             time.sleep(0.1)
             elapsed = time.monotonic() - start
-            verdict = evaluate(policy, baseline, stats)
+            paired = pairs.verdict(policy.max_p95_ratio, policy.min_p95_increase_ms) if pairs is not None else None
+            verdict = evaluate(policy, baseline, stats, paired)
             # Outright failures (errors, NaN/Inf) end the window early; latency and drift are
             # judged only at its end, on enough samples (they are noisy on a handful).
             if (

@@ -673,3 +673,43 @@ def test_the_fleet_keeps_its_own_record_of_a_devices_group(
         assert wait_for(lambda: group_of("sv1") == "payments", 10, "the operator's move")
     finally:
         daemon.stop()
+
+
+def test_a_dead_agent_worker_is_restarted_and_a_hopeless_agent_stops_the_watchdog(
+    tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
+) -> None:
+    """A worker thread that dies (only a bug can do that now; here one is made to exit at once) is
+    restarted by the supervisor and counted; one that keeps dying makes supervise() false, which
+    the daemon turns into withheld watchdog pings."""
+    from edge_runtime.contracts.bundle import load_public_keys
+    from edge_runtime.device.agent.session import Agent, AgentConfig
+    from edge_runtime.serving.runtime import Runtime
+    from edge_runtime.serving.store import ModelStore
+
+    store = ModelStore(tmp_path / "state")
+    store.trust(keys / "signing.pub")
+    store.install(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0"))
+    rt = Runtime(store.trusted_keys(), threads=1)
+    rt.load(store.bundle_path("cls", "1.0.0"))
+    cfg = AgentConfig(url=broker.url, device_id="sv3", group="grp-sv3", fleet_keys=load_public_keys([fleet_key]),
+                      target="x86-cpu", username="sv3", password=ACCOUNTS["sv3"], telemetry_interval_s=0.3)  # fmt: skip
+    agent = Agent(cfg, rt, store, store.trusted_keys)
+    agent.start()
+    try:
+        wait_for(agent.connected.is_set, 10, "the agent connected")
+        assert agent.supervise()  # all alive
+        agent._workers["telemetry"] = lambda: None  # the next telemetry thread ends at once, as if it died
+        agent._threads["telemetry"] = agent._thread("telemetry")
+        agent._threads["telemetry"].start()
+        agent._threads["telemetry"].join(5)
+        assert agent.supervise()  # restarted once: still recoverable
+        assert agent.records.error_counts().get("dead-telemetry") == 1
+        results = []
+        for _ in range(6):  # it keeps dying
+            agent._threads["telemetry"].join(5)
+            results.append(agent.supervise())
+        assert results[-1] is False  # too many restarts: the daemon withholds the watchdog now
+        assert 'edgert_agent_errors_total{where="dead-telemetry"} 7' in rt.metrics.registry.render()
+    finally:
+        agent.stop()
+        rt.close()

@@ -698,15 +698,13 @@ def test_a_dead_agent_worker_is_restarted_and_a_hopeless_agent_stops_the_watchdo
     try:
         wait_for(agent.connected.is_set, 10, "the agent connected")
         assert agent.supervise()  # all alive
-        agent._workers["telemetry"] = lambda: None  # the next telemetry thread ends at once, as if it died
-        agent._threads["telemetry"] = agent._thread("telemetry")
-        agent._threads["telemetry"].start()
-        agent._threads["telemetry"].join(5)
+        agent.workers.replace("telemetry", lambda: None)  # ends at once, as a thread killed by a bug would
+        agent.workers.threads["telemetry"].join(5)
         assert agent.supervise()  # restarted once: still recoverable
         assert agent.records.error_counts().get("dead-telemetry") == 1
         results = []
         for _ in range(6):  # it keeps dying
-            agent._threads["telemetry"].join(5)
+            agent.workers.threads["telemetry"].join(5)
             results.append(agent.supervise())
         assert results[-1] is False  # too many restarts: the daemon withholds the watchdog now
         assert 'edgert_agent_errors_total{where="dead-telemetry"} 7' in rt.metrics.registry.render()

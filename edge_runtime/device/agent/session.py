@@ -42,6 +42,7 @@ from edge_runtime.device.agent.outbox import Outbox
 from edge_runtime.device.agent.records import AgentRecords
 from edge_runtime.device.agent.seq_guard import SeqGuard
 from edge_runtime.device.agent.state import device_state
+from edge_runtime.device.agent.supervisor import Supervisor
 from edge_runtime.device.agent.telemetry import Telemetry
 from edge_runtime.device.agent.updater import Updater
 from edge_runtime.serving.runtime import Runtime
@@ -95,7 +96,6 @@ class Agent:
         self.seq = SeqGuard(self.dir / "control-seq.json", known=self.records.known_seqs())
         self._write_identity()
         self.rebuilt = take_corruption_reports()  # state files found corrupt at start (store, guard, records)
-        self._restarts: list[float] = []
         self._errors = runtime.metrics.registry.counter(
             "edgert_agent_errors_total", "Failures inside the fleet agent (caught, counted, survived)", ("where",)
         )
@@ -149,12 +149,15 @@ class Agent:
             self.event("state-file-rebuilt", report)
         if self.outbox.degraded:
             self.event("outbox-degraded", {"reason": self.outbox.degraded})
-        self._workers: dict[str, Callable[[], None]] = {
-            "outbox-sender": lambda: self.telemetry.send_loop(self._stop, self._error),
-            "telemetry": lambda: self.telemetry.snapshot_loop(self._stop, self._error),
-            "updater": self._update_loop,
-        }
-        self._threads = {name: self._thread(name) for name in self._workers}
+        self.workers = Supervisor(
+            {
+                "outbox-sender": lambda: self.telemetry.send_loop(self._stop, self._error),
+                "telemetry": lambda: self.telemetry.snapshot_loop(self._stop, self._error),
+                "updater": self._update_loop,
+            },
+            self._error,
+            network=c,
+        )
 
     def _write_identity(self) -> None:
         """Who this state dir belongs to, for `edgert status` (which runs without the daemon)."""
@@ -183,11 +186,7 @@ class Agent:
         props.SessionExpiryInterval = 7 * 24 * 3600  # the broker keeps our session across outages
         self.client.connect_async(self._host, self._port, self.cfg.keepalive, clean_start=False, properties=props)
         self.client.loop_start()
-        for t in self._threads.values():
-            t.start()
-
-    def _thread(self, name: str) -> threading.Thread:
-        return threading.Thread(target=self._workers[name], name=name, daemon=True)
+        self.workers.start()
 
     def _error(self, where: str) -> None:
         """Something failed inside the agent and was survived: counted where an operator sees it
@@ -195,36 +194,16 @@ class Agent:
         self.records.count_error(where)
         self._errors.inc(where=where)
 
-    def supervise(self, max_restarts: int = 5, window_s: float = 600.0) -> bool:
-        """Restart any dead worker (and the MQTT network thread). False when the agent cannot
-        recover (too many restarts in the window): the daemon then stops feeding the watchdog, so
-        systemd restarts it rather than letting HTTP pretend all is well."""
-        if self._stop.is_set():
-            return True
-        now = time.monotonic()
-        for name, t in list(self._threads.items()):
-            if not t.is_alive():
-                log.error("agent worker %s died; restarting it", name)
-                self._error(f"dead-{name}")
-                self._restarts.append(now)
-                self._threads[name] = self._thread(name)
-                self._threads[name].start()
-        network = getattr(self.client, "_thread", None)
-        if network is None or not network.is_alive():
-            log.error("the MQTT network thread is gone; restarting it")
-            self._error("dead-mqtt-loop")
-            self._restarts.append(now)
-            self.client.loop_stop()
-            self.client.loop_start()
-        self._restarts = [t for t in self._restarts if now - t < window_s]
-        return len(self._restarts) <= max_restarts
+    def supervise(self) -> bool:
+        """Restart dead workers; False when the agent cannot recover (the daemon then withholds
+        the watchdog, so systemd restarts it rather than letting HTTP pretend all is well)."""
+        return True if self._stop.is_set() else self.workers.supervise()
 
     def stop(self) -> None:
         self._stop.set()
         self._work.set()
         self.outbox.wake.set()
-        for t in self._threads.values():
-            t.join(10)
+        self.workers.join(10)
         if self.connected.is_set():
             info = self.client.publish(device_topic(self.cfg.device_id, "status"), self._status(False), 1, True)
             info.wait_for_publish(3)

@@ -70,6 +70,31 @@ def password(tmp: Path, device: str) -> Path:
     return pw
 
 
+def install_v1(tmp: Path, state: Path, keys: Path) -> None:
+    edgert("install", str(make_bundle(tmp / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir", str(state),
+           "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+
+
+def mount_tmpfs(disk: Path, size: str = "4m") -> None:
+    """A small real file system to fill; skipped, with the reason, where mounting is not allowed."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                             text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+
+
+def fill(filler: Path) -> None:
+    """Fill the file system to its last byte (raw writes: a buffered close could itself fail)."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+
+
 class Watcher:
     """The controller's account, listening to one device's retained state and events."""
 
@@ -122,8 +147,7 @@ def test_nested_json_on_every_subscribed_topic_is_refused_and_the_agent_goes_on(
     tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
 ) -> None:
     state = tmp_path / "state"
-    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    install_v1(tmp_path, state, keys)
     w = Watcher(broker, "sv1")
     ctl = broker.client("controller")
     args = serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1"))
@@ -168,8 +192,7 @@ def test_garbage_a_device_retains_does_not_stop_the_controller(
     tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
 ) -> None:
     state = tmp_path / "state"
-    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    install_v1(tmp_path, state, keys)
     daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")))
     rogue = broker.client("sv2")  # a device account, writing only where the ACL lets it: its own topics
     try:
@@ -261,8 +284,7 @@ def test_read_only_state_dir_with_mqtt_still_serves(
 ) -> None:
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     ro.mkdir()
-    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-           str(rw), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    install_v1(tmp_path, rw, keys)
     mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(rw), str(ro)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot make a read-only bind mount here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
@@ -291,28 +313,17 @@ def test_full_disk_during_telemetry_is_survived_and_telemetry_resumes(
 ) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    mount_tmpfs(disk)
     try:
         state = disk / "state"
-        edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-               str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+        install_v1(tmp_path, state, keys)
         w = Watcher(broker, "sv1")
         daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")),
                         log=tmp_path / "daemon.log")  # fmt: skip
         try:
             wait_for(lambda: len(w.telemetry_seqs) >= 3, 20, "telemetry flowing")
             filler = disk / "filler"
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk to the last byte
-            try:
-                for size in (65536, 4096, 1):
-                    with contextlib.suppress(OSError):
-                        while True:
-                            os.write(fd, b"\0" * size)
-            finally:
-                os.close(fd)
+            fill(filler)
             os.sync()
             time.sleep(3)  # ten telemetry periods on a full disk
             assert health_ok(daemon.url) and infer_ok(daemon.url)
@@ -345,8 +356,7 @@ def test_idle_slow_and_flooding_clients_cannot_lock_the_api_out(tmp_path: Path, 
     from concurrent.futures import ThreadPoolExecutor
 
     state = tmp_path / "state"
-    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    install_v1(tmp_path, state, keys)
     config = tmp_path / "edgert.yaml"
     config.write_text(
         "max_connections: 4\nhttp_idle_timeout_s: 60\nhttp_request_timeout_s: 2\nmax_json_body_bytes: 4096\n"
@@ -552,29 +562,18 @@ def test_a_full_disk_during_a_chunked_download_frees_it_and_the_update_completes
 ) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    mount_tmpfs(disk)
     w = Watcher(broker, "sv1")
     ctl = broker.client("controller")
     daemon = None
     try:
         state = disk / "state"
-        edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-               str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+        install_v1(tmp_path, state, keys)
         daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")),
                         log=tmp_path / "daemon.log")  # fmt: skip
         wait_for(lambda: w.state.get("models"), 20, "the device's state")
         filler = disk / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            for size in (65536, 4096, 1):
-                with contextlib.suppress(OSError):
-                    while True:
-                        os.write(fd, b"\0" * size)
-        finally:
-            os.close(fd)
+        fill(filler)
         v2 = make_bundle(tmp_path / "v2.edgepkg", keys / "signing.key", "1.1.0")
         ref = publish_bundle(ctl, v2, chunk_size=1024)
         publish_desired(ctl, load_private_key(fleet_key / "signing.key"), "sv1", time.time_ns() // 1000,
@@ -606,8 +605,7 @@ def test_a_device_cannot_take_over_another_devices_session(
     import paho.mqtt.client as mqtt
 
     state = tmp_path / "state"
-    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    install_v1(tmp_path, state, keys)
     w = Watcher(broker, "sv1")
     daemon = Daemon(state, *serve_args(broker, "sv1", fleet_key, password(tmp_path, "sv1")))
     rogue = None
@@ -646,8 +644,7 @@ def test_the_fleet_keeps_its_own_record_of_a_devices_group(
     tmp_path: Path, broker: Broker, keys: Path, fleet_key: Path
 ) -> None:
     state = tmp_path / "state"
-    edgert("install", str(make_bundle(tmp_path / "v1.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
-           str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+    install_v1(tmp_path, state, keys)
     pw, cpw = password(tmp_path, "sv1"), password(tmp_path, "controller")
     fleet = ["fleet", "--broker", broker.controller_url, "--username", "controller", "--password-file", str(cpw),
              "--state", str(tmp_path / "fleet.db")]  # fmt: skip

@@ -375,10 +375,25 @@ def test_idle_slow_and_flooding_clients_cannot_lock_the_api_out(tmp_path: Path, 
             s.close()
         # Slowloris: four connections sending a header a byte at a time. A new client is never left
         # hanging (503 at once while they hold every slot), and they are cut at the request deadline.
-        held = [socket.create_connection((host, port)) for _ in range(4)]
-        for s in held:
+        # (the handlers of the closed idle connections may take a moment to give their slots back: a
+        # slow client answered 503 at once is not holding a slot, so it is replaced until 4 are held)
+        held = []
+        for _ in range(40):
+            s = socket.create_connection((host, port))
             s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
-        time.sleep(0.3)
+            s.settimeout(0.2)
+            try:
+                answered = s.recv(1)
+            except TimeoutError:
+                answered = b""
+            if answered:
+                s.close()
+                time.sleep(0.1)
+                continue
+            held.append(s)
+            if len(held) == 4:
+                break
+        assert len(held) == 4
         t0 = time.monotonic()
         assert _get(daemon.url + "/v2/health/ready") in (200, 503) and time.monotonic() - t0 < 2
         wait_for(lambda: _get(daemon.url + "/v2/health/ready") == 200, 10, "the slow clients to be cut")

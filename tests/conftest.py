@@ -6,7 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,7 +122,6 @@ class Daemon:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
-        import time
         import urllib.request
 
         deadline = time.monotonic() + timeout
@@ -172,3 +174,22 @@ def reversion(bundle: Path, version: str, keys: Path, out: Path, **changes: obje
     fields.update(version=version, files=[], created="", **changes)
     write_bundle(out, fields, b.files, load_private_key(keys / "signing.key"))
     return out
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
+    """Wait for an event itself (not a guessed sleep): the first truthy value of ``cond``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet's signing key pair (signs desired state), one per test module."""
+    d = tmp_path_factory.mktemp("fleet")
+    generate_keypair(d)
+    return d

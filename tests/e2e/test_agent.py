@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edge_runtime.contracts.bundle import generate_keypair, load_private_key
+from edge_runtime.contracts.bundle import load_private_key
 from edge_runtime.contracts.client import Client
 from edge_runtime.fleet import bundle_ref, publish_bundle, publish_desired
 from tests.broker import Broker
@@ -30,13 +30,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = Broker(tmp_path_factory.mktemp("broker"), ACCOUNTS)
     yield b
     b.stop()
-
-
-@pytest.fixture(scope="module")
-def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("fleet")
-    generate_keypair(d)
-    return d
 
 
 class Device:

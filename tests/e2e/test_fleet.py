@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from edge_runtime.fleet.link import BrokerAuth, FleetLink
 from edge_runtime.fleet.simulate import SimSettings, Simulation
 from edge_runtime.serving.runtime import Runtime
 from tests.broker import Broker
-from tests.conftest import edgert
+from tests.conftest import edgert, wait_for
 from tests.fleet_models import make_bundle
 
 pytestmark = pytest.mark.e2e
@@ -38,16 +38,6 @@ PREFIXES = {"st": 20, "off": 1, "bad": 12, "exp": 3, "kill": 10, "sec": 5, "bg":
 ACCOUNTS = {"controller": "ctl-secret", "intruder": "intruder-secret"} | {
     f"{p}-{i:03d}": DEVICE_PW for p, n in PREFIXES.items() for i in range(n)
 }
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ from tests.fleet_models import inputs, make_bundle
 ACCOUNTS = {"controller": "ctl-secret", "sv1": "sv1-secret", "sv2": "sv2-secret", "sv3": "sv3-secret"}
 HEALTH = {"window_s": 1, "min_inferences": 0, "min_baseline": 1000}
 NESTED = b"[" * 1500 + b"]" * 1500  # 3 kB; json.loads alone raises RecursionError on it
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def serve_args(broker: Broker, device: str, fleet_key: Path, pw: Path) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 from edge_runtime.contracts.bundle import load_private_key
 from edge_runtime.fleet import publish_bundle, publish_desired
 from tests.broker import Broker
-from tests.conftest import Daemon
+from tests.conftest import Daemon, wait_for
 from tests.e2e.survival.helpers import (
     HEALTH,
     Watcher,
@@ -26,7 +26,6 @@ from tests.e2e.survival.helpers import (
     mount_tmpfs,
     password,
     serve_args,
-    wait_for,
 )
 from tests.fleet_models import make_bundle
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, wait_for
 from tests.e2e.survival.helpers import (
     get_status,
     infer_ok,
     install_v1,
-    wait_for,
 )
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ import pytest
 from edge_runtime.contracts.bundle import load_private_key
 from edge_runtime.fleet import publish_bundle, publish_desired
 from tests.broker import Broker
-from tests.conftest import Daemon, edgert
+from tests.conftest import Daemon, edgert, wait_for
 from tests.e2e.survival.helpers import (
     HEALTH,
     NESTED,
@@ -24,7 +24,6 @@ from tests.e2e.survival.helpers import (
     install_v1,
     password,
     serve_args,
-    wait_for,
 )
 from tests.fleet_models import make_bundle
 

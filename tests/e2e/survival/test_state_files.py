@@ -15,7 +15,7 @@ from edge_runtime.contracts.client import Client
 from edge_runtime.contracts.signed import desired_payload, sign
 from edge_runtime.fleet import publish_desired
 from tests.broker import Broker
-from tests.conftest import Daemon, edgert
+from tests.conftest import Daemon, edgert, wait_for
 from tests.e2e.survival.helpers import (
     Watcher,
     health_ok,
@@ -23,7 +23,6 @@ from tests.e2e.survival.helpers import (
     install_v1,
     password,
     serve_args,
-    wait_for,
 )
 from tests.fleet_models import make_bundle
 

@@ -12,13 +12,12 @@ from edge_runtime.contracts.bundle import load_private_key
 from edge_runtime.contracts.client import Client
 from edge_runtime.fleet import publish_desired
 from tests.broker import Broker
-from tests.conftest import Daemon, edgert
+from tests.conftest import Daemon, edgert, wait_for
 from tests.e2e.survival.helpers import (
     ACCOUNTS,
     Watcher,
     password,
     serve_args,
-    wait_for,
 )
 from tests.fleet_models import inputs, make_bundle
 

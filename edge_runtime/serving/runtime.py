@@ -148,7 +148,6 @@ class ModelHandle:
         self._touch()
 
     def _on_done(self, queue_s: float, total_s: float) -> None:
-        self._metrics.queue_depth.set(self.batcher.depth, model=self.name)  # falls back to 0 as it drains
         self._metrics.queue_s.observe(queue_s, model=self.name)
         self._metrics.total_s.observe(total_s, model=self.name)
 
@@ -189,6 +188,13 @@ class Runtime:
         self.delegate = delegate
         self._models: dict[str, ModelHandle] = {}
         self._lock = threading.Lock()
+        # Queue depth is read when /metrics is scraped: exact at that moment (it used to keep the
+        # value of the last submit, never falling back to 0), and no work per request.
+        self.metrics.registry.on_collect(self._observe_queues)
+
+    def _observe_queues(self) -> None:
+        for handle in self.models():
+            self.metrics.queue_depth.set(handle.batcher.depth, model=handle.name)
 
     # --- loading -----------------------------------------------------------------------
 
@@ -412,7 +418,6 @@ class Runtime:
         except Exception:
             self.metrics.rejected.inc(model=name, reason="queue_full")
             raise
-        self.metrics.queue_depth.set(handle.batcher.depth, model=name)
         fut.add_done_callback(lambda f: self._count_failure(name, f))
         if key is not None and handle.cache is not None:
             cache = handle.cache

@@ -77,7 +77,7 @@ def _tensor_from_json(entry: dict[str, Any], binary: memoryview, offset: int) ->
     return name, arr.reshape(shape), offset
 
 
-def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def decode_request(body: bytes | bytearray, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Body -> (request JSON, input arrays by name)."""
     if not body:
         raise ProtocolError("empty request body; expected an inference request JSON")

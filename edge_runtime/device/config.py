@@ -33,9 +33,19 @@ class BatchingConfig(_Strict):
     preferred: list[int] = Field(default_factory=list, description="batch sizes dispatched at once when reached")
     max_queue: int = Field(256, ge=1, description="queued requests per model; beyond it requests get 429")
     timeout_ms: float = Field(10_000, gt=0, description="a request still queued after this is dropped (504)")
+    instances: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="model instances, each a batcher thread with its own session and cores/N threads"
+        " (Triton's instance group); 0 = auto: 1 below 4 cores, else cores/2 up to 4",
+    )
 
     def settings(self) -> BatchSettings:
-        return BatchSettings(self.max_batch, self.max_delay_ms, tuple(self.preferred), self.max_queue, self.timeout_ms)
+        return BatchSettings(
+            self.max_batch, self.max_delay_ms, tuple(self.preferred), self.max_queue, self.timeout_ms,
+            instances=self.instances,
+        )  # fmt: skip
 
 
 class CacheConfig(_Strict):
@@ -99,6 +109,9 @@ class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="TCP address; loopback unless you mean to expose it")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     uds: Path | None = Field(None, description="also serve on this unix domain socket")
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="also serve the v2 protocol over gRPC on this port (needs the grpc extra)"
+    )
     threads: int = Field(0, ge=0, description="intra-op threads per model (0 = runtime default)")
     spin: bool = Field(
         True,
@@ -117,8 +130,8 @@ class ServeConfig(_Strict):
     max_connections: int = Field(
         128,
         ge=1,
-        description="concurrent HTTP connections (threads); beyond it the longest-idle keep-alive"
-        " connection is closed, or the new client is answered 503 at once",
+        description="concurrent HTTP connections (all on one event loop); beyond it the longest-idle"
+        " keep-alive connection is closed, or the new client is answered 503 at once",
     )
     http_idle_timeout_s: float = Field(15.0, gt=0, description="a keep-alive connection idle this long is closed")
     http_request_timeout_s: float = Field(
@@ -141,10 +154,12 @@ SERVE_FLAGS: dict[str, str] = {
     "--host": "host",
     "--port": "port",
     "--uds": "uds",
+    "--grpc-port": "grpc_port",
     "--threads": "threads",
     "--delegate": "delegate",
     "--max-batch": "batching.max_batch",
     "--max-delay-ms": "batching.max_delay_ms",
+    "--instances": "batching.instances",
     "--target": "target",
     "--mqtt": "mqtt.url",
     "--device-id": "mqtt.device_id",

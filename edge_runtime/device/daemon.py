@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime.contracts.bundle import load_public_keys
 from edge_runtime.device.agent.updater import Updater
 from edge_runtime.device.config import ServeConfig
-from edge_runtime.device.http_server import ServerState, make_servers
+from edge_runtime.device.http_server import HttpServer, ServerState
 from edge_runtime.device.sd_notify import Notifier, Watchdog, loop_progressing, watchdog_interval
 from edge_runtime.device.sources import FrameSource
 from edge_runtime.serving.cache import PredictionCache
@@ -52,9 +52,11 @@ class Daemon:
         self.sources: list[FrameSource] = []
         self.state = ServerState(
             self.runtime, config.max_body_bytes, self.hub, config.max_json_body_bytes,
-            config.http_idle_timeout_s, config.http_request_timeout_s,
+            config.http_idle_timeout_s, config.http_request_timeout_s, config.max_connections,
+            source_names={s.name for s in config.sources},
         )  # fmt: skip
-        self.servers = make_servers(self.state, config.host, config.port, config.uds, config.max_connections)
+        self.http = HttpServer(self.state, config.host, config.port, config.uds)
+        self.grpc: Any = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self.notifier = Notifier()
@@ -71,11 +73,7 @@ class Daemon:
 
     @property
     def port(self) -> int:
-        for s in self.servers:
-            addr = getattr(s, "server_address", None)
-            if isinstance(addr, tuple):
-                return int(addr[1])
-        return 0
+        return self.http.port
 
     def load_models(self) -> None:
         self.recovered = self.store.recover()
@@ -129,10 +127,12 @@ class Daemon:
         log.info("reload: %s", ", ".join(changed) or "nothing changed")
 
     def start(self) -> None:
-        for s in self.servers:
-            t = threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.http.start()
+        if self.config.grpc_port is not None:
+            from edge_runtime.device.grpc_server import GrpcServer
+
+            self.grpc = GrpcServer(self.http, self.config.host, self.config.grpc_port)
+            self.grpc.start()
         # Liveness answers while models load; readiness only once every model is warm.
         self.load_models()
         for cfg in self.config.sources:
@@ -152,6 +152,8 @@ class Daemon:
         self._threads.append(supervisor)
         self.state.ready.set()
         where = [f"http://{self.config.host}:{self.port}"] + ([f"unix:{self.config.uds}"] if self.config.uds else [])
+        if self.grpc is not None:
+            where.append(f"grpc://{self.config.host}:{self.grpc.port}")
         summary = f"ready, {len(self.runtime.models())} model(s) warm, serving on {', '.join(where)}"
         self.notifier.ready(summary)  # only now: every model is loaded and warmed
         interval = watchdog_interval()
@@ -215,14 +217,12 @@ class Daemon:
             self.watchdog.stop()
         for source in self.sources:
             source.stop()
-        for s in self.servers:
-            s.shutdown()  # stop accepting; handler threads already running finish their request
+        self.http.stop_accepting()  # requests already read are answered (with Connection: close)
         for h in self.runtime.models():
             h.batcher.close(drain=True)
-        for s in self.servers:
-            s.server_close()
-        if self.config.uds and self.config.uds.exists():
-            self.config.uds.unlink()
+        if self.grpc is not None:
+            self.grpc.stop()
+        self.http.stop()
         self.runtime.close()
         self._stop.set()
 

@@ -32,6 +32,7 @@ from edge_runtime.pack.datasets import Sample
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, record_gate, refuse_if_failed
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.targets import TargetProfile
+from edge_runtime.pack.tflite_batch import batching_by_resize
 from edge_runtime.pack.tflite_inspect import describe, npu_problems
 from edge_runtime.pack.validate import compare, run_all, session
 
@@ -217,6 +218,10 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         t["name"]: tensors[i]["quantization"] for t, i in [(tensors[i], i) for i in desc["inputs"] + desc["outputs"]]
     }
     batching = batching_of(inputs, outputs, req.stateful)
+    if not req.stateful and not profile.int8_io:  # accelerators compile static shapes: never resized
+        resized = batching_by_resize(int8, inputs, outputs)
+        if resized is not None:
+            inputs, outputs, batching = resized
     fields: dict[str, Any] = {
         "name": req.name,
         "version": req.version,

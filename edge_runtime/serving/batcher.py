@@ -1,28 +1,43 @@
-"""Dynamic batcher, in the spirit of Triton's.
+"""Dynamic batcher, in the spirit of Triton's, with the model's threads doing nothing else.
 
-Requests queue per model (bounded: a full queue rejects at once). A worker takes the oldest
-request and keeps collecting until the batch reaches max_batch rows, reaches a preferred
-size, or the oldest request has waited max_delay. Requests whose deadline passed while they
-queued are failed with a timeout and never computed. A model that cannot be batched
-(fixed batch 1, stateful, scalar inputs) runs one request at a time, in order.
+Batches form where requests arrive: ``submit`` appends a request to the forming batch at the
+tail of the queue, copying its rows straight into that batch's buffer (allocated when a second
+request joins), so the model's thread finds each batch already contiguous and never
+concatenates. A request whose row shape differs, or that would overflow ``max_batch``, seals the
+tail and starts the next forming batch (requests of different image sizes never fail a batch).
+The queue is bounded: a full queue rejects at once.
+
+N instances (Triton's instance group) are N worker threads, each owning one instance of the
+model (``run(feeds, instance)``). A worker takes the head batch once it is ready (full, a
+preferred size, sealed, or its oldest request waited ``max_delay``), runs it, and hands the
+results back in one step per batch: all rows for one ``Sink`` (an event loop) go in one call,
+so the HTTP loop is woken once per batch, not once per request. Then it takes the next batch:
+statistics, metrics and histograms are done by the batcher's post thread from a ``BatchReport``,
+never on the model's thread. Requests whose deadline passed while they queued are failed with a
+timeout and never computed. A model that cannot be batched runs one request at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
-RunBatch = Callable[[Feeds], dict[str, np.ndarray]]
+Outputs = dict[str, np.ndarray]
+# (feeds, instance index) -> (outputs, tag); the tag (the model version that ran) is passed through
+# to the batch's report untouched.
+RunBatch = Callable[[Feeds, int], tuple[Outputs, Any]]
 
 
 class QueueFullError(RuntimeError):
@@ -37,6 +52,13 @@ class BatcherClosedError(RuntimeError):
     pass
 
 
+class Sink(Protocol):
+    """Where results go back in bulk (an event loop): one call per batch, never blocking.
+    Each item is (token, outputs or None, error or None)."""
+
+    def deliver(self, items: list[tuple[Any, Outputs | None, BaseException | None]]) -> None: ...
+
+
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch: int = 8
@@ -47,33 +69,65 @@ class BatchSettings:
     max_queue: int = 256
     timeout_ms: float = 10_000.0
     batchable: bool = True
+    instances: int = 1
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     feeds: Feeds
     rows: int
-    future: Future[dict[str, np.ndarray]]
     enqueued: float
     deadline: float
-    started: float = 0.0
-    batch: int = 0
+    future: Future[Outputs] | None = None
+    sink: Sink | None = None
+    token: Any = None
+
+
+@dataclass(slots=True)
+class _Forming:
+    """A batch being formed: its requests and, once a second one joined, its contiguous buffers."""
+
+    key: tuple[Any, ...]
+    first_enqueued: float
+    requests: list[_Request] = field(default_factory=list)
+    rows: int = 0
+    buffers: dict[str, np.ndarray] | None = None
+    sealed: bool = False
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What one executed batch did, for statistics (handed to the post thread)."""
+
+    rows: int
+    instance: int
+    started: float  # time.monotonic() when the run began
+    compute_s: float
+    enqueued: list[float]
+    feeds: Feeds
+    outputs: Outputs | None
+    error: BaseException | None
+    tag: Any
 
 
 @dataclass
 class BatchObserver:
-    """Hooks the runtime uses to count what the batcher does (kept free of any metrics type)."""
+    """Hooks the runtime uses to count what the batcher does (kept free of any metrics type).
+    ``after_batch`` runs on the batcher's post thread; the others are cheap and run in place."""
 
-    on_batch: Callable[[int, float], None] = lambda rows, compute_s: None
-    on_done: Callable[[float, float], None] = lambda queue_s, total_s: None
+    after_batch: Callable[[BatchReport], None] | None = None
     on_expired: Callable[[], None] = lambda: None
     on_progress: Callable[[], None] = lambda: None
 
 
+def _row_key(feeds: Feeds) -> tuple[Any, ...]:
+    return tuple((n, a.dtype.str, a.shape[1:]) for n, a in feeds.items())
+
+
 @dataclass
 class Batcher:
-    """Triton-style dynamic batching for one model: requests queue, a worker thread forms a batch up
-    to the max size (or the preferred sizes), runs it, and splits the results.
+    """Triton-style dynamic batching for one model: requests queue into forming batches, N worker
+    threads (one per model instance) run ready batches and hand results back per batch.
 
     Owns the queue, its bound and the request deadlines (expired requests are dropped, never
     computed). Never validates inputs (the Runtime does) and never chooses a model version."""
@@ -91,127 +145,216 @@ class Batcher:
             raise ValueError(f"max_delay_ms must be >= 0, got {s.max_delay_ms}")
         if s.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {s.max_queue}")
+        if s.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {s.instances}")
         bad = [p for p in s.preferred if not 1 <= p <= s.max_batch]
         if bad:
             raise ValueError(f"preferred batch sizes {bad} must lie in 1..max_batch ({s.max_batch})")
-        self._queue: deque[_Request] = deque()
+        self._limit = s.max_batch if s.batchable else 1
+        self._batches: deque[_Forming] = deque()
+        self._queued = 0  # requests in forming batches
         self._cond = threading.Condition()
         self._closed = False
         self._busy = 0
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
-        self._thread.start()
+        self._post: queue.SimpleQueue[BatchReport | None] = queue.SimpleQueue()
+        self._post_thread = threading.Thread(target=self._post_loop, name=f"post-{self.name}", daemon=True)
+        self._post_thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), name=f"batcher-{self.name}-{i}", daemon=True)
+            for i in range(s.instances)
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     @property
     def busy(self) -> bool:
         return self._busy > 0
 
-    def submit(self, feeds: Feeds, rows: int, timeout_ms: float | None = None) -> Future[dict[str, np.ndarray]]:
+    # --- submitting (any thread) --------------------------------------------------------
+
+    def submit(self, feeds: Feeds, rows: int, timeout_ms: float | None = None) -> Future[Outputs]:
+        """Queue a request; its outputs arrive on the returned future."""
+        fut: Future[Outputs] = Future()
+        self._enqueue(feeds, rows, timeout_ms, fut, None, None)
+        return fut
+
+    def submit_to(self, sink: Sink, token: Any, feeds: Feeds, rows: int, timeout_ms: float | None = None) -> None:
+        """Queue a request whose outputs go to ``sink`` with ``token``, together with the rest of its batch."""
+        self._enqueue(feeds, rows, timeout_ms, None, sink, token)
+
+    def _enqueue(
+        self, feeds: Feeds, rows: int, timeout_ms: float | None, fut: Future[Outputs] | None, sink: Sink | None,
+        token: Any,
+    ) -> None:  # fmt: skip
         now = time.monotonic()
-        fut: Future[dict[str, np.ndarray]] = Future()
         timeout = self.settings.timeout_ms if timeout_ms is None else timeout_ms
-        req = _Request(feeds, rows, fut, now, now + timeout / 1000.0)
+        req = _Request(feeds, rows, now, now + timeout / 1000.0, fut, sink, token)
+        key = _row_key(feeds)
         with self._cond:
             if self._closed:
                 raise BatcherClosedError(f"model {self.name!r} is shutting down")
-            if len(self._queue) >= self.settings.max_queue:
+            if self._queued >= self.settings.max_queue:
                 raise QueueFullError(
                     f"model {self.name!r} queue is full ({self.settings.max_queue} requests); retry later"
                 )
-            self._queue.append(req)
+            tail = self._batches[-1] if self._batches else None
+            if tail is not None and not tail.sealed and tail.key == key and tail.rows + rows <= self._limit:
+                self._join(tail, req)
+            else:
+                if tail is not None:
+                    tail.sealed = True
+                self._batches.append(_Forming(key, now, [req], rows))
+            self._queued += 1
             self._cond.notify()
-        return fut
+
+    def _join(self, batch: _Forming, req: _Request) -> None:
+        """Copy the request's rows into the batch's buffers (made when the second request joins)."""
+        if batch.buffers is None:
+            first = batch.requests[0]
+            batch.buffers = {n: np.empty((self._limit, *a.shape[1:]), a.dtype) for n, a in first.feeds.items()}
+            for n, a in first.feeds.items():
+                batch.buffers[n][: first.rows] = a
+        for n, a in req.feeds.items():
+            batch.buffers[n][batch.rows : batch.rows + req.rows] = a
+        batch.requests.append(req)
+        batch.rows += req.rows
 
     def close(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop accepting; with drain, finish what is queued, else fail it."""
         with self._cond:
             self._closed = True
             if not drain:
-                while self._queue:
-                    self._queue.popleft().future.set_exception(BatcherClosedError("shutting down"))
+                while self._batches:
+                    for r in self._batches.popleft().requests:
+                        _fail(r, BatcherClosedError("shutting down"))
+                self._queued = 0
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for t in self._threads:
+            t.join(timeout)
+        self._post.put(None)
+        self._post_thread.join(timeout)
 
-    def _collect(self) -> list[_Request] | None:
+    # --- the model's threads ------------------------------------------------------------
+
+    def _ready(self, batch: _Forming) -> float:
+        """0 when the head batch should run now, else the seconds left to wait for it to fill."""
         s = self.settings
-        limit = s.max_batch if s.batchable else 1
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait(0.5)
-                self.observer.on_progress()  # idle is healthy: the loop is alive
-            batch: list[_Request] = []
-            rows = 0
-            first_enqueued = self._queue[0].enqueued
-            while True:
-                while self._queue and rows < limit:
-                    nxt = self._queue[0]
-                    if batch and rows + nxt.rows > limit:
-                        break
-                    self._queue.popleft()
-                    batch.append(nxt)
-                    rows += nxt.rows
-                if rows >= limit or not s.batchable or rows in s.preferred or self._closed:
-                    break
-                if self._queue and rows + self._queue[0].rows > limit:
-                    break
-                remaining = first_enqueued + s.max_delay_ms / 1000.0 - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self._busy += 1
-            return batch
+        if batch.sealed or batch.rows >= self._limit or batch.rows in s.preferred or self._closed:
+            return 0.0
+        return max(0.0, batch.first_enqueued + s.max_delay_ms / 1000.0 - time.monotonic())
 
-    def _loop(self) -> None:
+    def _collect(self) -> _Forming | None:
+        with self._cond:
+            while True:
+                if not self._batches:
+                    if self._closed:
+                        return None
+                    self._cond.wait(0.5)
+                    self.observer.on_progress()  # idle is healthy: the loop is alive
+                    continue
+                wait = self._ready(self._batches[0])
+                if wait <= 0:
+                    batch = self._batches.popleft()
+                    batch.sealed = True
+                    self._queued -= len(batch.requests)
+                    self._busy += 1
+                    if self._batches:
+                        self._cond.notify()  # another instance may take the next one
+                    return batch
+                self._cond.wait(wait)
+
+    def _loop(self, instance: int) -> None:
         while True:
             batch = self._collect()
             if batch is None:
                 return
             try:
-                self._execute(batch)
+                self._execute(batch, instance)
+            except Exception:  # never lose the worker (a bug in delivery, a sink that raised)
+                log.exception("batcher %s: a batch could not be completed", self.name)
             finally:
                 with self._cond:
                     self._busy -= 1
                 self.observer.on_progress()
 
-    def _execute(self, batch: list[_Request]) -> None:
+    def _execute(self, batch: _Forming, instance: int) -> None:
         now = time.monotonic()
-        live = []
-        for r in batch:
+        live: list[_Request] = []
+        for r in batch.requests:
             if r.deadline < now:
-                r.future.set_exception(
-                    RequestTimeoutError(f"request waited {(now - r.enqueued) * 1000:.0f} ms, over its timeout")
-                )
+                _fail(r, RequestTimeoutError(f"request waited {(now - r.enqueued) * 1000:.0f} ms, over its timeout"))
                 self.observer.on_expired()
-            elif r.future.set_running_or_notify_cancel():
+            elif r.future is None or r.future.set_running_or_notify_cancel():
                 live.append(r)
         if not live:
             return
-        names = list(live[0].feeds)
-        feeds = (
-            live[0].feeds if len(live) == 1 else {n: np.concatenate([r.feeds[n] for r in live], axis=0) for n in names}
-        )
         rows = sum(r.rows for r in live)
+        if len(live) == 1:
+            feeds = live[0].feeds
+        elif batch.buffers is not None and len(live) == len(batch.requests):
+            feeds = {n: b[:rows] for n, b in batch.buffers.items()}  # contiguous views, no copy
+        else:  # some rows expired: compute only the live ones
+            feeds = {n: np.concatenate([r.feeds[n] for r in live], axis=0) for n in live[0].feeds}
         t0 = time.monotonic()
         try:
-            outputs = self.run(feeds)
+            outputs, tag = self.run(feeds, instance)
         except Exception as e:  # a failing model fails the batch, never the worker
             log.warning("model %s failed a batch of %d: %s", self.name, rows, e)
-            for r in live:
-                r.future.set_exception(e)
+            self._deliver(live, None, e)
+            self._report(BatchReport(rows, instance, t0, time.monotonic() - t0, [r.enqueued for r in live], feeds,
+                                     None, e, None))  # fmt: skip
             return
-        t1 = time.monotonic()
-        self.observer.on_batch(rows, t1 - t0)
+        compute_s = time.monotonic() - t0
+        self._deliver(live, outputs, None)
+        self._report(BatchReport(rows, instance, t0, compute_s, [r.enqueued for r in live], feeds, outputs, None, tag))
+
+    def _deliver(self, live: list[_Request], outputs: Outputs | None, error: BaseException | None) -> None:
+        by_sink: dict[int, tuple[Sink, list[tuple[Any, Outputs | None, BaseException | None]]]] = {}
         offset = 0
+        single = len(live) == 1
         for r in live:
-            if len(live) == 1:
+            if outputs is None:
+                result = None
+            elif single:
                 result = outputs
             else:
                 result = {k: v[offset : offset + r.rows] for k, v in outputs.items()}
             offset += r.rows
-            r.future.set_result(result)
-            self.observer.on_done(t0 - r.enqueued, t1 - r.enqueued)
+            if r.sink is not None:
+                by_sink.setdefault(id(r.sink), (r.sink, []))[1].append((r.token, result, error))
+            elif r.future is not None:
+                if error is not None:
+                    r.future.set_exception(error)
+                else:
+                    assert result is not None
+                    r.future.set_result(result)
+        for sink, items in by_sink.values():
+            sink.deliver(items)  # one hand-off per batch and sink
+
+    def _report(self, report: BatchReport) -> None:
+        if self.observer.after_batch is not None:
+            self._post.put(report)
+
+    def _post_loop(self) -> None:
+        while True:
+            report = self._post.get()
+            if report is None:
+                return
+            hook = self.observer.after_batch
+            if hook is None:
+                continue
+            try:
+                hook(report)
+            except Exception:  # statistics must never take serving down
+                log.exception("batcher %s: statistics of a batch failed", self.name)
+
+
+def _fail(r: _Request, error: BaseException) -> None:
+    if r.sink is not None:
+        r.sink.deliver([(r.token, None, error)])
+    elif r.future is not None and not r.future.done():
+        r.future.set_exception(error)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_runtime.contracts.fleet import ExperimentKind, ExperimentReport, ShadowFigures
-from edge_runtime.serving.batcher import Batcher, BatchSettings
+from edge_runtime.serving.batcher import Batcher, BatchObserver, BatchReport, BatchSettings
 from edge_runtime.serving.stats import VersionStats
 from edge_runtime.serving.versions import ModelVersion
 
@@ -106,7 +106,14 @@ class Experiment:
         self._rows_of = rows_of
         # A/B: the variant serves its share through its own batcher (a batch never mixes versions).
         self.batcher: Batcher | None = (
-            Batcher(self._run_variant, settings or BatchSettings(), name=f"{name}-ab") if kind == "ab" else None
+            Batcher(
+                self._run_variant,
+                settings or BatchSettings(),
+                BatchObserver(after_batch=self._after_variant),
+                name=f"{name}-ab",
+            )
+            if kind == "ab"
+            else None
         )
         self._queue: queue.Queue[tuple[dict[str, np.ndarray], np.ndarray] | None] = queue.Queue(maxsize=64)
         self._worker: threading.Thread | None = None
@@ -137,20 +144,22 @@ class Experiment:
                 with self.shadow._lock:
                     self.shadow.dropped += rows
 
-    def _run_variant(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A/B: one batch routed to the variant."""
-        rows = self._rows_of(feeds)
-        t0 = time.perf_counter()
+    def _run_variant(self, feeds: dict[str, np.ndarray], instance: int) -> tuple[dict[str, np.ndarray], None]:
+        """A/B: one batch routed to the variant (the model's thread: run only)."""
         try:
-            out = self.variant.run(feeds)
+            return self.variant.run(feeds, instance % self.variant.instances), None
         except Exception:
+            rows = self._rows_of(feeds)
             self.variant.stats.record_error(rows)
             self.observe_error(self.version, rows)
             raise
-        seconds = time.perf_counter() - t0
-        self.variant.stats.record(rows, seconds, out)
-        self.observe_served(self.version, rows, seconds, feeds, out)
-        return out
+
+    def _after_variant(self, report: BatchReport) -> None:
+        """A/B: count a batch the variant computed (the batcher's post thread)."""
+        if report.outputs is None:
+            return
+        self.variant.stats.record(report.rows, report.compute_s, report.outputs)
+        self.observe_served(self.version, report.rows, report.compute_s, report.feeds, report.outputs)
 
     def observe_error(self, version: str, rows: int) -> None:
         stats = self.stats.get(version)

@@ -35,15 +35,21 @@ def summarize(outputs: dict[str, np.ndarray], labels: list[str] | None, top: int
 
 
 class Subscription:
-    def __init__(self, hub: ResultHub, maxsize: int) -> None:
+    """One subscriber's bounded queue. ``notify`` (optional) is called after each event is queued,
+    from the publishing thread: an event loop uses it to schedule its own read of the queue."""
+
+    def __init__(self, hub: ResultHub, maxsize: int, notify: Callable[[], None] | None = None) -> None:
         self.queue: queue.Queue[Result] = queue.Queue(maxsize)
         self.dropped = 0
         self._hub = hub
+        self._notify = notify
 
     def put(self, result: Result) -> None:
         while True:
             try:
                 self.queue.put_nowait(result)
+                if self._notify is not None:
+                    self._notify()
                 return
             except queue.Full:
                 try:
@@ -51,6 +57,12 @@ class Subscription:
                     self.dropped += 1
                 except queue.Empty:
                     pass
+
+    def poll(self) -> Result | None:
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return None
 
     def get(self, timeout: float) -> Result | None:
         try:
@@ -73,8 +85,8 @@ class ResultHub:
         with self._lock:
             self._callbacks.append(callback)
 
-    def subscribe(self, maxsize: int = 64) -> Subscription:
-        sub = Subscription(self, maxsize)
+    def subscribe(self, maxsize: int = 64, notify: Callable[[], None] | None = None) -> Subscription:
+        sub = Subscription(self, maxsize, notify)
         with self._lock:
             self._subs.append(sub)
         return sub

@@ -9,6 +9,7 @@ then frees it. The daemon, the agent and scripts all drive models through this c
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime.backends import BackendOptions
 from edge_runtime.contracts.bundle import Bundle, BundleManifest, TensorSpec, read_bundle
 from edge_runtime.contracts.fleet import ExperimentReport
-from edge_runtime.serving.batcher import Batcher, BatchObserver, BatchSettings
+from edge_runtime.serving.batcher import Batcher, BatchObserver, BatchReport, BatchSettings, Sink
 from edge_runtime.serving.cache import PredictionCache
 from edge_runtime.serving.experiments import Experiment
+from edge_runtime.serving.frames import frames_to_input, is_raw_frame, raw_frame_input
 from edge_runtime.serving.metrics import BATCH_BUCKETS, Registry, rss_bytes
 from edge_runtime.serving.tensors import InputError, check_inputs
 from edge_runtime.serving.versions import ModelVersion
@@ -75,11 +77,18 @@ class RuntimeMetrics:
         self.rss = r.gauge("edgert_process_resident_memory_bytes", "Resident set size of the process")
         self.cache_hits = r.counter("edgert_cache_hits_total", "Requests answered from the prediction cache", m)
         self.cache_misses = r.counter("edgert_cache_misses_total", "Cacheable requests that were computed", m)
+        self.raw_frames = r.counter(
+            "edgert_raw_frames_total", "Requests sent as raw uint8 frames and preprocessed on the device", m
+        )
         r.on_collect(lambda: self.rss.set(rss_bytes()))
 
 
 class ModelHandle:
-    """A served model: the current version (swapped atomically) and its batcher."""
+    """A served model: the current version (swapped atomically) and its batcher.
+
+    The batcher's threads only run batches (``_run``); what a batch did is counted afterwards on
+    the batcher's post thread (``_after_batch``): metrics, per-version statistics, the experiment's
+    figures and the health window's latency probe."""
 
     def __init__(self, name: str, current: ModelVersion, settings: BatchSettings, metrics: RuntimeMetrics) -> None:
         self.name = name
@@ -88,8 +97,7 @@ class ModelHandle:
         self._metrics = metrics
         self._swap_lock = threading.Lock()
         observer = BatchObserver(
-            on_batch=self._on_batch,
-            on_done=self._on_done,
+            after_batch=self._after_batch,
             on_expired=lambda: metrics.expired.inc(model=name),
             on_progress=self._touch,
         )
@@ -114,53 +122,67 @@ class ModelHandle:
     def _touch(self) -> None:
         self.last_progress = time.monotonic()
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray], instance: int) -> tuple[dict[str, np.ndarray], ModelVersion]:
+        """The model's thread: run the batch on the current version, nothing else."""
         version = self.current  # read once: a swap mid-batch cannot mix versions
-        rows = self.rows_of(feeds)
-        exp = self.experiment
-        t0 = time.perf_counter()
         try:
-            out = version.run(feeds)
+            return version.run(feeds, instance % version.instances), version
         except Exception:
+            rows = self.rows_of(feeds)
             version.stats.record_error(rows)
+            exp = self.experiment
             if exp is not None:
                 exp.observe_error(version.version, rows)
             raise
-        seconds = time.perf_counter() - t0
+
+    def _after_batch(self, report: BatchReport) -> None:
+        """The post thread: count what one batch did."""
+        m, name = self._metrics, self.name
+        if report.error is not None or report.outputs is None:
+            m.failures.inc(len(report.enqueued), model=name)
+            return
+        version: ModelVersion = report.tag
+        out, rows, seconds = report.outputs, report.rows, report.compute_s
+        m.batch_size.observe(rows, model=name)
+        m.compute_s.observe(seconds, model=name)
+        done = report.started + seconds
+        for enqueued in report.enqueued:
+            m.queue_s.observe(report.started - enqueued, model=name)
+            m.total_s.observe(done - enqueued, model=name)
         bad = version.stats.record(rows, seconds, out)  # scans the first output once
+        exp = self.experiment
         if exp is not None:
-            exp.observe_served(version.version, rows, seconds, feeds, out)
+            exp.observe_served(version.version, rows, seconds, report.feeds, out)
         probe = self.on_served
         if probe is not None:
-            probe(feeds, version)
+            probe(report.feeds, version)
         others = list(out.values())[1:]
         if bad or any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in others):
-            self._metrics.nonfinite.inc(model=self.name)
-        return out
+            m.nonfinite.inc(model=name)
 
     def rows_of(self, feeds: dict[str, np.ndarray]) -> int:
         first = next(iter(feeds.values()))
         return int(first.shape[0]) if first.ndim and self.settings.batchable else 1
 
-    def _on_batch(self, rows: int, compute_s: float) -> None:
-        self._metrics.batch_size.observe(rows, model=self.name)
-        self._metrics.compute_s.observe(compute_s, model=self.name)
-        self._touch()
 
-    def _on_done(self, queue_s: float, total_s: float) -> None:
-        self._metrics.queue_s.observe(queue_s, model=self.name)
-        self._metrics.total_s.observe(total_s, model=self.name)
+def default_instances(cores: int | None = None) -> int:
+    """Instances of a model when the configuration leaves it at 0 (auto): one on up to 3 cores (a
+    single session using every core answers one request fastest, and measured on 2 cores two
+    instances bought no throughput), else one per two cores, at most 4."""
+    cores = cores or os.cpu_count() or 1
+    return 1 if cores < 4 else min(4, cores // 2)
 
 
 def batch_settings_for(manifest: BundleManifest, base: BatchSettings) -> BatchSettings:
-    """Narrow the configured settings to what the model can take."""
+    """Narrow the configured settings to what the model can take; resolve instances 0 (auto)."""
     b = manifest.batching
+    instances = base.instances or default_instances()
     if not b.batchable:
-        return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, batchable=False)
+        return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, batchable=False, instances=instances)
     cap = b.max_batch
     max_batch = min(base.max_batch, cap) if cap else base.max_batch
     preferred = tuple(p for p in base.preferred if p <= max_batch)
-    return BatchSettings(max_batch, base.max_delay_ms, preferred, base.max_queue, base.timeout_ms, True)
+    return BatchSettings(max_batch, base.max_delay_ms, preferred, base.max_queue, base.timeout_ms, True, instances)
 
 
 class Runtime:
@@ -203,23 +225,27 @@ class Runtime:
             return source
         return read_bundle(source, self.trusted_keys, check_external_data=False)  # loaded from bytes below
 
-    def _load_version(self, bundle: Bundle) -> ModelVersion:
+    def _load_version(self, bundle: Bundle, instances: int = 1) -> ModelVersion:
         m = bundle.manifest
+        threads = self.threads
+        if not threads and instances > 1:  # share the cores between the instances
+            threads = max(1, (os.cpu_count() or 1) // instances)
         opts = BackendOptions(
-            threads=self.threads,
+            threads=threads,
             providers=list(m.runtime_options.providers or ["CPUExecutionProvider"]),
             provider_options=dict(m.runtime_options.provider_options),
             delegate=self.delegate,
             spin=self.spin,
         )
-        version = ModelVersion(bundle, opts)
+        version = ModelVersion(bundle, opts, instances)
         self.metrics.load_s.set(version.load_s, model=m.name, version=m.version)
         self.metrics.warm_s.set(version.warm_s, model=m.name, version=m.version)
         self.metrics.loaded.set(1, model=m.name, version=m.version)
         log.info(
-            "loaded %s %s (load %.0f ms, warm-up %.0f ms, providers %s)",
+            "loaded %s %s, %d instance(s) (load %.0f ms, warm-up %.0f ms, providers %s)",
             m.name,
             m.version,
+            instances,
             version.load_s * 1000,
             version.warm_s * 1000,
             version.backend.active_providers,
@@ -235,10 +261,9 @@ class Runtime:
         with self._lock:
             if name in self._models:
                 raise ValueError(f"model {name!r} is already loaded; use swap() to change its version")
-        version = self._load_version(bundle)
-        handle = ModelHandle(
-            name, version, batch_settings_for(bundle.manifest, settings or self.batching), self.metrics
-        )
+        resolved = batch_settings_for(bundle.manifest, settings or self.batching)
+        version = self._load_version(bundle, resolved.instances)
+        handle = ModelHandle(name, version, resolved, self.metrics)
         handle.cache = cache
         with self._lock:
             self._models[name] = handle
@@ -263,7 +288,7 @@ class Runtime:
                 new, handle.standby = standby, None
                 new.stats = type(new.stats)()  # judged on what it serves from now on
             else:
-                new = self._load_version(bundle)
+                new = self._load_version(bundle, handle.settings.instances)
             handle.current = new  # atomic: the next batch runs on the new version
             handle.previous = old
             if keep_old:
@@ -297,7 +322,7 @@ class Runtime:
                 return handle.standby
             if handle.current.bundle_sha256 == bundle.sha256:
                 raise ValueError(f"{handle.name} {bundle.manifest.version} is already the served version")
-            new = self._load_version(bundle)
+            new = self._load_version(bundle, handle.settings.instances)
             old, handle.standby = handle.standby, new
         if old is not None:
             self._free(handle.name, old)
@@ -321,7 +346,7 @@ class Runtime:
         exp = Experiment(
             kind,
             handle.current.version,
-            self._load_version(bundle),
+            self._load_version(bundle, handle.settings.instances),
             split,
             handle.settings,
             handle.rows_of,
@@ -375,6 +400,39 @@ class Runtime:
     def models(self) -> list[ModelHandle]:
         return list(self._models.values())
 
+    def _admit(
+        self, name: str, feeds: dict[str, np.ndarray], version: str | None
+    ) -> tuple[ModelHandle, dict[str, np.ndarray], int]:
+        """Count and validate a request (raw uint8 frames become model inputs first); -> (handle,
+        feeds, rows). Runs on the caller's thread, never on the model's."""
+        handle = self.get(name, version)
+        self.metrics.requests.inc(model=name)
+        try:
+            spec = raw_frame_input(handle.manifest)
+            if spec is not None and is_raw_frame(handle.manifest, feeds):
+                feeds = {spec.name: frames_to_input(feeds[spec.name], handle.manifest)}
+                self.metrics.raw_frames.inc(model=name)
+            batch = check_inputs(handle.inputs, feeds)
+            rows = batch or 1
+            if handle.settings.batchable and rows > handle.settings.max_batch:
+                raise InputError(f"batch of {rows} exceeds max batch {handle.settings.max_batch} of model {name!r}")
+        except InputError:
+            self.metrics.rejected.inc(model=name, reason="bad_input")
+            raise
+        return handle, feeds, rows
+
+    def wants_preprocessing(self, name: str, feeds: dict[str, np.ndarray], version: str | None = None) -> bool:
+        """Whether these feeds are raw frames that the bundle's preprocessing will turn into inputs
+        (a server may do that work on a pool thread instead of its event loop)."""
+        handle = self.get(name, version)
+        return raw_frame_input(handle.manifest) is not None and is_raw_frame(handle.manifest, feeds)
+
+    def _batcher_for(self, handle: ModelHandle) -> tuple[Batcher, str]:
+        exp = handle.experiment
+        if exp is not None and exp.batcher is not None and exp.route_to_variant():
+            return exp.batcher, exp.version
+        return handle.batcher, handle.current.version
+
     def submit(
         self,
         name: str,
@@ -384,13 +442,13 @@ class Runtime:
     ) -> Submission:
         """Validate and queue a request on the model's batcher; the submission names the version it
         was routed to (the A/B variant, or the served version) and holds the outputs' future."""
-        handle = self.get(name, version)
-        self.metrics.requests.inc(model=name)
-        try:
-            batch = check_inputs(handle.inputs, feeds)
-        except InputError:
-            self.metrics.rejected.inc(model=name, reason="bad_input")
-            raise
+        handle, feeds, rows = self._admit(name, feeds, version)
+        return self._submit_admitted(handle, feeds, rows, timeout_ms)
+
+    def _submit_admitted(
+        self, handle: ModelHandle, feeds: dict[str, np.ndarray], rows: int, timeout_ms: float | None
+    ) -> Submission:
+        name = handle.name
         key = None
         if handle.cache is not None and handle.experiment is None:  # experiments see every request
             key = PredictionCache.key(handle.current.version, feeds)
@@ -401,32 +459,47 @@ class Runtime:
                 done.set_result(hit)
                 return Submission(done, handle.current.version)
             self.metrics.cache_misses.inc(model=name)
-        rows = batch or 1
-        if handle.settings.batchable and rows > handle.settings.max_batch:
-            self.metrics.rejected.inc(model=name, reason="bad_input")
-            raise InputError(f"batch of {rows} exceeds max batch {handle.settings.max_batch} of model {name!r}")
-        exp = handle.experiment
-        variant = exp is not None and exp.batcher is not None and exp.route_to_variant()
+        batcher, routed = self._batcher_for(handle)
         try:
-            if variant:
-                assert exp is not None and exp.batcher is not None
-                fut = exp.batcher.submit(feeds, rows, timeout_ms)
-                routed = exp.version
-            else:
-                fut = handle.batcher.submit(feeds, rows, timeout_ms)
-                routed = handle.current.version
+            fut = batcher.submit(feeds, rows, timeout_ms)
         except Exception:
             self.metrics.rejected.inc(model=name, reason="queue_full")
             raise
-        fut.add_done_callback(lambda f: self._count_failure(name, f))
         if key is not None and handle.cache is not None:
             cache = handle.cache
             fut.add_done_callback(lambda f: cache.put(key, f.result()) if f.exception() is None else None)
         return Submission(fut, routed)
 
-    def _count_failure(self, name: str, fut: Future[Any]) -> None:
-        if fut.exception() is not None:
-            self.metrics.failures.inc(model=name)
+    def submit_to(
+        self,
+        sink: Sink,
+        token: Any,
+        name: str,
+        feeds: dict[str, np.ndarray],
+        version: str | None = None,
+        timeout_ms: float | None = None,
+    ) -> str:
+        """As ``submit``, but the outputs go to ``sink`` together with the rest of their batch (one
+        hand-off per batch: what the HTTP event loop uses). The sink receives ``(token, version)``
+        as each item's token, the version being the one the request was routed to, which is also
+        returned. A model with a prediction cache goes through a future."""
+        handle, feeds, rows = self._admit(name, feeds, version)
+        if handle.cache is not None and handle.experiment is None:
+            sub = self._submit_admitted(handle, feeds, rows, timeout_ms)
+
+            def forward(f: Future[dict[str, np.ndarray]]) -> None:
+                error = f.exception()
+                sink.deliver([((token, sub.version), None if error else f.result(), error)])
+
+            sub.future.add_done_callback(forward)
+            return sub.version
+        batcher, routed = self._batcher_for(handle)
+        try:
+            batcher.submit_to(sink, (token, routed), feeds, rows, timeout_ms)
+        except Exception:
+            self.metrics.rejected.inc(model=name, reason="queue_full")
+            raise
+        return routed
 
     def infer(
         self,

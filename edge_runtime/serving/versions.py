@@ -1,6 +1,7 @@
 """One loaded, warmed version of a model, and the sample it is warmed with.
 
-A version is loaded once (backend session created from the verified bundle's bytes), warmed with
+A version is loaded once (one backend session per instance, created from the verified bundle's
+bytes; N instances are Triton's instance group, each run by its own batcher thread), warmed with
 a real sample shipped in its bundle (or zeros of its input shapes), and counts its in-flight
 runs so that a hot swap can drain it before freeing it. It never batches and never decides
 which version serves: the ModelHandle does that.
@@ -22,31 +23,42 @@ from edge_runtime.serving.stats import VersionStats
 class ModelVersion:
     """One loaded, warmed version of a model. Counts in-flight runs so a swap can drain it."""
 
-    def __init__(self, bundle: Bundle, options: BackendOptions) -> None:
+    def __init__(self, bundle: Bundle, options: BackendOptions, instances: int = 1) -> None:
         self.manifest: BundleManifest = bundle.manifest
         self.bundle_sha256 = bundle.sha256
         t0 = time.perf_counter()
-        self.backend: Backend = create_backend(self.manifest.runtime, bundle.model_bytes, options)
+        self.backends: list[Backend] = [
+            create_backend(self.manifest.runtime, bundle.model_bytes, options) for _ in range(max(1, instances))
+        ]
+        self.backend: Backend = self.backends[0]
         self.load_s = time.perf_counter() - t0
         self.output_names = [o.name for o in self.manifest.outputs]
+        self.input_names = [i.name for i in self.manifest.inputs]
         self.stats = VersionStats()
         self._inflight = 0
         self._idle = threading.Condition()
         self.warmup = _warmup_sample(bundle)
         t0 = time.perf_counter()
         if self.warmup is not None:
-            self.run(self.warmup)
+            for i in range(len(self.backends)):
+                self.run(self.warmup, i)
         self.warm_s = time.perf_counter() - t0
 
     @property
     def version(self) -> str:
         return self.manifest.version
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def instances(self) -> int:
+        return len(self.backends)
+
+    def run(self, feeds: dict[str, np.ndarray], instance: int = 0) -> dict[str, np.ndarray]:
         with self._idle:
             self._inflight += 1
         try:
-            return dict(zip(self.output_names, self.backend.run(feeds), strict=True))
+            if list(feeds) != self.input_names and set(feeds) == set(self.input_names):
+                feeds = {n: feeds[n] for n in self.input_names}  # backends may take inputs by position
+            return dict(zip(self.output_names, self.backends[instance].run(feeds), strict=True))
         finally:
             with self._idle:
                 self._inflight -= 1
@@ -58,7 +70,8 @@ class ModelVersion:
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     def close(self) -> None:
-        self.backend.close()
+        for backend in self.backends:
+            backend.close()
 
 
 def _warmup_sample(bundle: Bundle) -> dict[str, np.ndarray] | None:

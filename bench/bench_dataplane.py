@@ -182,6 +182,7 @@ def serve_mlserver(venv: Path, model: bytes, tmp: Path, log: Path) -> tuple[subp
         "name": MODEL, "implementation": "ort_runtime.OrtModel", "max_batch_size": 8, "max_batch_time": 0.001,
         "parameters": {"uri": str(d / "model.onnx")},
     }))  # fmt: skip
+    venv = venv.resolve()
     proc = subprocess.Popen([str(venv / "bin" / "mlserver"), "start", str(d)], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, cwd=d)  # fmt: skip
     wait_http(port, f"/v2/models/{MODEL}/ready", proc)

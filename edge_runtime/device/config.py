@@ -41,10 +41,17 @@ class BatchingConfig(_Strict):
         " (Triton's instance group); 0 = auto: 1 below 4 cores, else cores/2 up to 4",
     )
 
+    inline_max_ms: float = Field(
+        10.0,
+        ge=0,
+        description="a request that finds the model idle runs at once on the server's event loop, with no"
+        " hand-off between threads, when a one-row run takes at most this long (0: never)",
+    )
+
     def settings(self) -> BatchSettings:
         return BatchSettings(
             self.max_batch, self.max_delay_ms, tuple(self.preferred), self.max_queue, self.timeout_ms,
-            instances=self.instances,
+            instances=self.instances, inline_max_ms=self.inline_max_ms,
         )  # fmt: skip
 
 

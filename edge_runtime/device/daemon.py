@@ -129,8 +129,10 @@ class Daemon:
     def start(self) -> None:
         self.http.start()
         if self.config.grpc_port is not None:
-            from edge_runtime.device.grpc_server import GrpcServer
-
+            try:
+                from edge_runtime.device.grpc_server import GrpcServer
+            except ImportError as e:
+                raise RuntimeError(f"grpc_port needs the grpc extra: pip install 'edge-runtime[grpc]' ({e})") from e
             self.grpc = GrpcServer(self.http, self.config.host, self.config.grpc_port)
             self.grpc.start()
         # Liveness answers while models load; readiness only once every model is warm.

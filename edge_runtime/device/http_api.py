@@ -155,6 +155,9 @@ class Api:
         self.loop = loop
         self.sink = LoopSink(loop, self)
         self._frames_pool: ThreadPoolExecutor | None = None
+        # Inferences queued and not yet answered: a request may run inline on the loop only when
+        # there are none (a busy server batches instead, and the loop keeps reading).
+        self.inflight = 0
 
     def close(self) -> None:
         if self._frames_pool is not None:
@@ -243,7 +246,14 @@ class Api:
             if self.runtime.wants_preprocessing(name, feeds, version):
                 self._submit_frames(token, name, feeds, version, timeout_ms)
                 return
-            self.runtime.submit_to(self.sink, token, name, feeds, version, timeout_ms)
+            # The model may run right here when nothing else is waiting: no hand-off to its thread and
+            # back (0.4 ms a request on 2 cores). Never when others wait: they are batched instead.
+            inline = not self.inflight and conn.server.quiet_except(conn)
+            done = self.runtime.submit_to(self.sink, token, name, feeds, version, timeout_ms, inline=inline)
+            if isinstance(done, tuple):  # ran at once on the loop: the model was idle
+                self.finish_batch([((token, done[0]), done[1], None)], queued=False)
+                return
+            self.inflight += 1
         except Exception as e:
             self._error(conn, slot, req, error_status(e), error_message(name, e))
 
@@ -255,9 +265,12 @@ class Api:
 
             self._frames_pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="frames")
 
-        def work() -> None:
-            self.runtime.submit_to(self.sink, token, name, feeds, version, timeout_ms)
+        def work() -> None:  # on a pool thread: may run the model there too when it is idle
+            done = self.runtime.submit_to(self.sink, token, name, feeds, version, timeout_ms, inline=True)
+            if isinstance(done, tuple):
+                self.sink.deliver([((token, done[0]), done[1], None)])
 
+        self.inflight += 1
         fut = self.loop.run_in_executor(self._frames_pool, work)
 
         def done(f: asyncio.Future[None]) -> None:
@@ -267,9 +280,13 @@ class Api:
 
         fut.add_done_callback(done)
 
-    def finish_batch(self, items: list[tuple[Any, dict[str, np.ndarray] | None, BaseException | None]]) -> None:
+    def finish_batch(
+        self, items: list[tuple[Any, dict[str, np.ndarray] | None, BaseException | None]], queued: bool = True
+    ) -> None:
         """On the loop: encode and write the answers of one batch (each token comes back with the
         version the Runtime routed it to)."""
+        if queued:
+            self.inflight = max(0, self.inflight - len(items))
         for (token, routed), outputs, error in items:
             conn, slot, req, request, name = token
             if conn.closed:

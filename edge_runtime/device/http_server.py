@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_S = 0.25
 MIN_IDLE_TO_EVICT_S = 0.05  # a connection accepted a moment ago may have its request in flight
+QUIET_MAX_CONNECTIONS = 16  # beyond this many open connections the server never runs a model on its loop
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,27 @@ class HttpServer:
             self.count("evicted_idle")
             return True
         return False
+
+    def quiet_except(self, conn: HttpConnection) -> bool:
+        """Whether no other connection has a request waiting (parsed or still unread in its socket):
+        the condition for running an inference at once on the loop. A server with many open
+        connections is taken as busy without looking (the look costs one select over them)."""
+        others = [c for c in self.connections if c is not conn]
+        if len(others) > QUIET_MAX_CONNECTIONS:
+            return False
+        if any(c.slots or c.req is not None for c in others):
+            return False
+        fds = []
+        for c in others:
+            sock = c.transport.get_extra_info("socket") if c.transport is not None else None
+            if sock is not None:
+                fds.append(sock.fileno())
+        if not fds:
+            return True
+        try:
+            return not select.select(fds, [], [], 0)[0]
+        except (OSError, ValueError):
+            return False
 
     def forget(self, conn: HttpConnection) -> None:
         self.connections.discard(conn)

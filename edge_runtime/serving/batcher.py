@@ -12,15 +12,15 @@ model (``run(feeds, instance)``). A worker takes the head batch once it is ready
 preferred size, sealed, or its oldest request waited ``max_delay``), runs it, and hands the
 results back in one step per batch: all rows for one ``Sink`` (an event loop) go in one call,
 so the HTTP loop is woken once per batch, not once per request. Then it takes the next batch:
-statistics, metrics and histograms are done by the batcher's post thread from a ``BatchReport``,
-never on the model's thread. Requests whose deadline passed while they queued are failed with a
-timeout and never computed. A model that cannot be batched runs one request at a time.
+statistics, metrics and histograms are done by the batcher's post thread from a ``BatchReport``
+(drained every 20 ms: no extra thread wake-up per batch), never on the model's thread. Requests
+whose deadline passed while they queued are failed with a timeout and never computed. A model
+that cannot be batched runs one request at a time.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -38,6 +38,7 @@ Outputs = dict[str, np.ndarray]
 # (feeds, instance index) -> (outputs, tag); the tag (the model version that ran) is passed through
 # to the batch's report untouched.
 RunBatch = Callable[[Feeds, int], tuple[Outputs, Any]]
+POST_PERIOD_S = 0.02  # statistics lag the answers by at most this much
 
 
 class QueueFullError(RuntimeError):
@@ -70,6 +71,9 @@ class BatchSettings:
     timeout_ms: float = 10_000.0
     batchable: bool = True
     instances: int = 1
+    # A request finding the model idle runs at once on the caller's thread when a one-row run takes
+    # at most this long (0: never); see Batcher.try_inline.
+    inline_max_ms: float = 0.0
 
 
 @dataclass(slots=True)
@@ -156,7 +160,13 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._busy = 0
-        self._post: queue.SimpleQueue[BatchReport | None] = queue.SimpleQueue()
+        # Compute time of a one-row batch (a moving average): whether running one at once on the
+        # caller's thread (``try_inline``) would hold that thread too long. None until known.
+        self.single_s: float | None = None
+        # Reports wait in a deque that the post thread drains every POST_PERIOD_S: no wake-up per batch,
+        # and no thread taking the interpreter lock while the loop writes the answers of a batch.
+        self._post: deque[BatchReport] = deque()
+        self._post_stop = threading.Event()
         self._post_thread = threading.Thread(target=self._post_loop, name=f"post-{self.name}", daemon=True)
         self._post_thread.start()
         self._threads = [
@@ -223,6 +233,40 @@ class Batcher:
         batch.requests.append(req)
         batch.rows += req.rows
 
+    def try_inline(self, feeds: Feeds, rows: int, max_s: float) -> tuple[Outputs, Any] | None:
+        """Run one request at once on the caller's thread when the model is idle (nothing queued, no
+        batch running) and a one-row run is known to take at most ``max_s``: no hand-off to the
+        model's thread and back. None when it is not run (then submit it)."""
+        single = self.single_s
+        if single is None or single * rows > max_s:
+            return None
+        with self._cond:
+            if self._closed or self._batches or self._busy:
+                return None
+            self._busy += 1
+        now = time.monotonic()
+        try:
+            try:
+                outputs, tag = self.run(feeds, 0)
+            except Exception as e:
+                self._report(BatchReport(rows, 0, now, time.monotonic() - now, [now], feeds, None, e, None))
+                raise
+            compute_s = time.monotonic() - now
+            self._learn(rows, compute_s)
+            self._report(BatchReport(rows, 0, now, compute_s, [now], feeds, outputs, None, tag))
+            return outputs, tag
+        finally:
+            with self._cond:
+                self._busy -= 1
+                if self._batches:
+                    self._cond.notify()
+            self.observer.on_progress()
+
+    def _learn(self, rows: int, compute_s: float) -> None:
+        if rows == 1:  # down at once (the warm-up's first run is slow), up slowly (one slow run is noise)
+            old = self.single_s
+            self.single_s = compute_s if old is None or compute_s < old else 0.8 * old + 0.2 * compute_s
+
     def close(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop accepting; with drain, finish what is queued, else fail it."""
         with self._cond:
@@ -235,7 +279,7 @@ class Batcher:
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)
-        self._post.put(None)
+        self._post_stop.set()
         self._post_thread.join(timeout)
 
     # --- the model's threads ------------------------------------------------------------
@@ -310,6 +354,7 @@ class Batcher:
             return
         compute_s = time.monotonic() - t0
         self._deliver(live, outputs, None)
+        self._learn(rows, compute_s)
         self._report(BatchReport(rows, instance, t0, compute_s, [r.enqueued for r in live], feeds, outputs, None, tag))
 
     def _deliver(self, live: list[_Request], outputs: Outputs | None, error: BaseException | None) -> None:
@@ -337,20 +382,22 @@ class Batcher:
 
     def _report(self, report: BatchReport) -> None:
         if self.observer.after_batch is not None:
-            self._post.put(report)
+            self._post.append(report)  # deque.append is atomic; the post thread drains it
 
     def _post_loop(self) -> None:
         while True:
-            report = self._post.get()
-            if report is None:
+            stopping = self._post_stop.wait(POST_PERIOD_S)
+            while self._post:
+                report = self._post.popleft()
+                hook = self.observer.after_batch
+                if hook is None:
+                    continue
+                try:
+                    hook(report)
+                except Exception:  # statistics must never take serving down
+                    log.exception("batcher %s: statistics of a batch failed", self.name)
+            if stopping:
                 return
-            hook = self.observer.after_batch
-            if hook is None:
-                continue
-            try:
-                hook(report)
-            except Exception:  # statistics must never take serving down
-                log.exception("batcher %s: statistics of a batch failed", self.name)
 
 
 def _fail(r: _Request, error: BaseException) -> None:

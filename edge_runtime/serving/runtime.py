@@ -77,6 +77,9 @@ class RuntimeMetrics:
         self.rss = r.gauge("edgert_process_resident_memory_bytes", "Resident set size of the process")
         self.cache_hits = r.counter("edgert_cache_hits_total", "Requests answered from the prediction cache", m)
         self.cache_misses = r.counter("edgert_cache_misses_total", "Cacheable requests that were computed", m)
+        self.inline = r.counter(
+            "edgert_inline_runs_total", "Requests run at once on the server's thread (the model was idle)", m
+        )
         self.raw_frames = r.counter(
             "edgert_raw_frames_total", "Requests sent as raw uint8 frames and preprocessed on the device", m
         )
@@ -110,6 +113,7 @@ class ModelHandle:
         # window's paired latency probe. Must return at once (it only queues).
         self.on_served: Callable[[dict[str, np.ndarray], ModelVersion], None] | None = None
         self.batcher = Batcher(self._run, settings, observer, name)
+        self.batcher.single_s = current.warm_s or None  # the warm-up run: a first estimate, on the high side
 
     @property
     def manifest(self) -> BundleManifest:
@@ -178,11 +182,13 @@ def batch_settings_for(manifest: BundleManifest, base: BatchSettings) -> BatchSe
     b = manifest.batching
     instances = base.instances or default_instances()
     if not b.batchable:
-        return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, batchable=False, instances=instances)
+        return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, False, instances, base.inline_max_ms)
     cap = b.max_batch
     max_batch = min(base.max_batch, cap) if cap else base.max_batch
     preferred = tuple(p for p in base.preferred if p <= max_batch)
-    return BatchSettings(max_batch, base.max_delay_ms, preferred, base.max_queue, base.timeout_ms, True, instances)
+    return BatchSettings(
+        max_batch, base.max_delay_ms, preferred, base.max_queue, base.timeout_ms, True, instances, base.inline_max_ms
+    )
 
 
 class Runtime:
@@ -478,12 +484,24 @@ class Runtime:
         feeds: dict[str, np.ndarray],
         version: str | None = None,
         timeout_ms: float | None = None,
-    ) -> str:
+        inline: bool = False,
+    ) -> str | tuple[str, dict[str, np.ndarray]]:
         """As ``submit``, but the outputs go to ``sink`` together with the rest of their batch (one
         hand-off per batch: what the HTTP event loop uses). The sink receives ``(token, version)``
         as each item's token, the version being the one the request was routed to, which is also
-        returned. A model with a prediction cache goes through a future."""
+        returned. A model with a prediction cache goes through a future.
+
+        With ``inline``, a request that finds its model idle (nothing queued or running, no
+        experiment) and whose run takes at most the model's ``inline_max_ms`` runs at once on the
+        caller's thread: then ``(version, outputs)`` is returned and nothing goes to the sink."""
         handle, feeds, rows = self._admit(name, feeds, version)
+        limit = handle.settings.inline_max_ms
+        if inline and limit > 0 and handle.experiment is None and handle.cache is None:
+            done = handle.batcher.try_inline(feeds, rows, limit / 1000.0)
+            if done is not None:
+                self.metrics.inline.inc(model=name)
+                outputs, ran = done
+                return ran.version, outputs
         if handle.cache is not None and handle.experiment is None:
             sub = self._submit_admitted(handle, feeds, rows, timeout_ms)
 

@@ -73,7 +73,8 @@ def _infer_bytes(path: str = "/v2/models/orientation/infer", http: str = "1.1", 
 
 
 def _metric(d: Daemon, name: str, **labels: str) -> float:
-    text = Client(d.url).metrics()
+    with Client(d.url) as c:
+        text = c.metrics()
     lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{re.escape(name)}{{{re.escape(lab)}}} (\S+)$" if lab else rf"^{re.escape(name)} (\S+)$", text,
                   re.M)  # fmt: skip
@@ -298,3 +299,31 @@ def test_instances_answer_concurrent_requests_correctly(daemon: Daemon) -> None:
         got = list(pool.map(run, range(64)))
     for i, g in enumerate(got):
         np.testing.assert_allclose(g, want[i % 8], rtol=1e-4, atol=1e-5)
+
+
+def test_a_lone_request_runs_at_once_and_concurrent_ones_are_batched(daemon: Daemon) -> None:
+    """One client alone: each request finds the model idle and runs on the loop (no hand-off). Many
+    clients: none runs inline and the batcher forms batches of several rows."""
+    with Client(daemon.url) as c:  # one queued run teaches the daemon the model's run time
+        c.infer("orientation", X)
+    inline0 = _metric(daemon, "edgert_inline_runs_total", model="orientation")
+    with Client(daemon.url) as c:
+        for _ in range(10):
+            c.infer("orientation", X)
+    assert _metric(daemon, "edgert_inline_runs_total", model="orientation") == inline0 + 10
+    batches0 = _metric(daemon, "edgert_batch_size_count", model="orientation")
+    rows0 = _metric(daemon, "edgert_batch_size_sum", model="orientation")
+    inline1 = _metric(daemon, "edgert_inline_runs_total", model="orientation")
+
+    def run(_: int) -> None:
+        with Client(daemon.url) as c:
+            for _ in range(8):
+                c.infer("orientation", X)
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(run, range(24)))
+    inline = _metric(daemon, "edgert_inline_runs_total", model="orientation") - inline1
+    time.sleep(0.1)  # statistics are counted on the batcher's post thread, every 20 ms
+    batches = _metric(daemon, "edgert_batch_size_count", model="orientation") - batches0
+    rows = _metric(daemon, "edgert_batch_size_sum", model="orientation") - rows0
+    assert rows == 24 * 8 and inline < 24 and rows / batches > 1.5, (rows, batches, inline)

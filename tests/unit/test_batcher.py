@@ -267,3 +267,31 @@ def test_statistics_that_raise_never_stop_the_batcher() -> None:
     for i in range(3):
         assert b.submit(_x(i), 1).result(5)["y"][0, 0] == 2 * i
     b.close()
+
+
+def test_an_idle_model_runs_a_request_at_once_on_the_callers_thread() -> None:
+    m = Model()
+    b = Batcher(m, BatchSettings(max_batch=8, inline_max_ms=50))
+    assert b.try_inline(_x(1), 1, 0.05) is None  # no run time known yet: never inline blind
+    b.submit(_x(1), 1).result(5)  # one queued run teaches it the one-row time
+    out, tag = b.try_inline(_x(3), 1, 0.05) or ({}, None)
+    assert out["y"][0, 0] == 6 and tag == "tag-0"
+    assert threading.current_thread().name in m.threads  # it ran here, not on the batcher's thread
+    b.close()
+
+
+def test_no_inline_run_while_a_batch_runs_or_waits_or_when_too_slow() -> None:
+    m = Model()
+    b = Batcher(m, BatchSettings(max_batch=8))
+    b.submit(_x(1), 1).result(5)
+    m.gate.clear()
+    running = b.submit(_x(2), 1)
+    time.sleep(0.05)
+    assert b.try_inline(_x(3), 1, 10.0) is None  # the model is busy
+    queued = b.submit(_x(4), 1)
+    assert b.try_inline(_x(5), 1, 10.0) is None  # and a request waits
+    m.gate.set()
+    running.result(5), queued.result(5)
+    assert b.try_inline(_x(6), 1, 0.0) is None  # a one-row run is known to take longer than allowed
+    assert b.try_inline(_x(6), 1, 10.0) is not None
+    b.close()

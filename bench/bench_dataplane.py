@@ -148,7 +148,7 @@ def serve_edgert(state: Path, tree: Path, extra: list[str], log: Path) -> tuple[
     return proc, port
 
 
-MLSERVER_RUNTIME = '''
+MLSERVER_RUNTIME = """
 import numpy as np, onnxruntime as ort
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
@@ -165,7 +165,7 @@ class OrtModel(MLModel):
         x = NumpyCodec.decode_input(payload.inputs[0])
         y = self.s.run(None, {self.inp: x.astype(np.float32)})[0]
         return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("fetch_name_0", y)])
-'''
+"""
 
 
 def serve_mlserver(venv: Path, model: bytes, tmp: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${BUILD_VENV:-.venv-build}
+# EDGERT_LAYOUT=onefile|onedir|both (default both) and EDGERT_BACKENDS=onnx,litert (default both)
+# are read by the spec; DIST is where the builds land (default dist/).
+DIST=${DIST:-dist}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
@@ -19,6 +22,6 @@ fi
 "$VENV/bin/python" -m pip install --quiet ".[device]" "pyinstaller>=6.10"
 cd packaging
 "../$VENV/bin/pyinstaller" --noconfirm --clean --log-level WARN \
-  --distpath ../dist --workpath ../build/pyinstaller edgert.spec
+  --distpath "../$DIST" --workpath "../build/pyinstaller-$(basename "$DIST")" edgert.spec
 cd ..
-ls -l dist/edgert
+ls -ld "$DIST/edgert" "$DIST/edgert-dir" 2>/dev/null || true

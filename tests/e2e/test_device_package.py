@@ -115,3 +115,45 @@ def test_unit_contract() -> None:
                  "ConfigurationDirectory=edgert", "User=edgert", "ProtectSystem=strict", "ProtectHome=yes",
                  "NoNewPrivileges=yes", "PrivateTmp=yes", "DevicePolicy=closed"):  # fmt: skip
         assert line in unit, line
+
+
+def test_one_folder_binary_installs_under_usr_lib_and_upgrades_clean(
+    tmp_path: Path, keys: Path, orientation_bundle: Path
+) -> None:
+    """The one-folder build (nothing to unpack at start) lands in /usr/lib/edgert with a wrapper at
+    /usr/bin/edgert that execs it (same PID for systemd); links inside the folder are stored as the
+    files they point to; an upgrade removes what the new build no longer ships."""
+
+    def folder(name: str, extra: str) -> Path:
+        d = tmp_path / name
+        (d / "_internal" / "pkg").mkdir(parents=True)
+        _stand_in_binary(d / "edgert", name)
+        (d / "_internal" / "pkg" / "lib.so").write_bytes(b"\x7fELF" + name.encode())
+        (d / "_internal" / extra).write_text(extra)
+        (d / "_internal" / "lib.so").symlink_to("pkg/lib.so")
+        return d
+
+    root = tmp_path / "root"
+    for name, extra in (("v1", "old-only.txt"), ("v2", "new-only.txt")):
+        image = tmp_path / f"{name}.tar.gz"
+        edgert("device-image", "-o", str(image), "--binary", str(folder(name, extra)), "--bundle",
+               str(orientation_bundle), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
+        proc = edgert("device-install", str(image), "--root", str(root), check=True)
+    lib = root / "usr/lib/edgert"
+    wrapper = (root / "usr/bin/edgert").read_text()
+    assert 'exec /usr/lib/edgert/edgert "$@"' in wrapper and (root / "usr/bin/edgert").stat().st_mode & 0o777 == 0o755
+    assert (lib / "edgert").stat().st_mode & 0o777 == 0o755 and (lib / "edgert").read_text().endswith("v2\n")
+    assert (lib / "_internal/pkg/lib.so").stat().st_mode & 0o777 == 0o644
+    assert not (lib / "_internal/lib.so").is_symlink() and (lib / "_internal/lib.so").read_bytes() == b"\x7fELFv2"
+    assert (lib / "_internal/new-only.txt").exists() and not (lib / "_internal/old-only.txt").exists()
+    assert "removed 1 old file(s)" in proc.stderr
+    # the wrapper really runs the folder's executable (pointed at this root instead of /)
+    run = subprocess.run(["sh", "-c", wrapper.replace("/usr/lib/edgert", str(lib))], capture_output=True, text=True)
+    assert run.stdout == "v2\n"
+
+
+def test_a_folder_that_is_not_a_build_is_refused(tmp_path: Path, keys: Path, orientation_bundle: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = edgert("device-image", "-o", str(tmp_path / "x.tar.gz"), "--binary", str(tmp_path / "empty"),
+                  "--bundle", str(orientation_bundle), "--trust", str(keys / "signing.pub"))  # fmt: skip
+    assert proc.returncode == 1 and "without an 'edgert' executable" in proc.stderr

@@ -121,7 +121,9 @@ def test_chunked_bodies_are_read_within_the_limit(daemon: Daemon) -> None:
     x = np.round(X.astype(np.float64), 1)  # short numbers: the JSON body stays under this daemon's 2 MB JSON limit
     doc = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 224, 224],
                                   "data": x.ravel().tolist()}]}).encode()  # fmt: skip
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(doc[i : i + 65536]), doc[i : i + 65536]) for i in range(0, len(doc), 65536))
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(doc[i : i + 65536]), doc[i : i + 65536]) for i in range(0, len(doc), 65536)
+    )
     with _connect(daemon) as s, s.makefile("rb") as f:
         s.sendall(b"POST /v2/models/orientation/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                   + chunks + b"0\r\n\r\n")  # fmt: skip

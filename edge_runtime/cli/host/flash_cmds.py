@@ -34,7 +34,8 @@ def cmd_device_install(args: argparse.Namespace) -> int:
         return fail(f"edgert device-install: {e}")
     console.print(
         f"installed into {args.root}: {len(report.written)} written, {len(report.unchanged)} unchanged, "
-        f"kept local {report.kept or 'none'}, seeded {report.seeded or 'none'}"
+        f"kept local {report.kept or 'none'}, seeded {report.seeded or 'none'}, "
+        f"removed {len(report.removed)} old file(s)"
     )
     return 0
 
@@ -42,7 +43,12 @@ def cmd_device_install(args: argparse.Namespace) -> int:
 def add_device_image(sub: Any) -> None:
     img = sub.add_parser("device-image", help="write a root-filesystem tarball: binary, unit, config, keys, bundles")
     img.add_argument("-o", "--out", required=True)
-    img.add_argument("--binary", required=True, help="the single binary (packaging/build-binary.sh)")
+    img.add_argument(
+        "--binary",
+        required=True,
+        help="the one-folder build dist/edgert-dir (starts fastest; installed under /usr/lib/edgert) or the"
+        " one-file dist/edgert (packaging/build-binary.sh)",
+    )
     img.add_argument("--bundle", action="append", default=[], help="initial bundle; repeatable")
     img.add_argument("--trust", action="append", required=True, help="trusted public key (file or dir)")
     img.add_argument("--unit", help="systemd unit (default: systemd/edgert.service)")

@@ -12,14 +12,18 @@ from edge_runtime.contracts.bundle import BundleError, generate_keypair, load_pu
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    priv, pub = generate_keypair(Path(args.out))
+    priv, pub = generate_keypair(Path(args.out), force=args.force)
     console.print(f"wrote {priv} (private, mode 0600) and {pub}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        bundle = read_bundle(Path(args.bundle), load_public_keys(args.key))
+        keys = load_public_keys(args.key)
+    except BundleError as e:  # the key is the problem, not the bundle
+        return fail(f"edgert verify: {e}")
+    try:
+        bundle = read_bundle(Path(args.bundle), keys)
     except BundleError as e:
         return fail(f"REFUSED {args.bundle}: {e}")
     m = bundle.manifest
@@ -103,7 +107,8 @@ def _inspect_onnx(path: Path, as_json: bool) -> int:
 def add_keys(sub: Any) -> None:
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
     gen = keys.add_parser("generate", help="write DIR/signing.key (0600) and DIR/signing.pub")
-    gen.add_argument("--out", required=True)
+    gen.add_argument("--out", required=True, help="the folder to write the key pair into")
+    gen.add_argument("--force", action="store_true", help="replace a key pair already in the folder")
     gen.set_defaults(func=cmd_keys)
 
 

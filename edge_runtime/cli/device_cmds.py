@@ -34,16 +34,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {path: getattr(args, path.replace(".", "__")) for path in SERVE_FLAGS.values()}
     if not args.mqtt__url:  # without --mqtt the daemon is offline: the fleet flags do not apply
+        fleet_flags = [f for f, path in SERVE_FLAGS.items() if path.startswith("mqtt.") and overrides[path] is not None]
+        if fleet_flags:
+            one = len(fleet_flags) == 1
+            return fail(
+                f"edgert serve: {', '.join(fleet_flags)} {'is' if one else 'are'} for fleet devices only: add "
+                f"--mqtt URL, or leave {'it' if one else 'them'} out"
+            )
         overrides = {k: v for k, v in overrides.items() if not k.startswith("mqtt.")}
     try:
         config = load_config(Path(args.config) if args.config else None, overrides)
         daemon = Daemon(config)
     except (ConfigError, OSError, BundleError) as e:
         return fail(f"edgert serve: {e}")
-    try:
-        return daemon.run()
-    except (BundleError, RuntimeError, ValueError) as e:
-        return fail(f"edgert serve: cannot load models: {e}")
+    return daemon.run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -57,6 +61,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     root = Path(args.state_dir)
     if not root.is_dir():
         return fail(f"edgert status: {root} is not a state directory")
+    if not any((root / part).exists() for part in ("models", "keys", "outbox.db", "agent")):
+        return fail(
+            f"edgert status: {root} is not a state directory (no models/, keys/, agent/ or outbox.db; "
+            "expected the --state-dir of `edgert install` or `edgert serve`)"
+        )
     with inspect_only():  # look, change nothing: corrupt files are reported, not moved
         store = ModelStore(root)
         try:

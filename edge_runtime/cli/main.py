@@ -6,7 +6,8 @@ protocol implementations): only the module of the command being run is imported,
 without them answers "not in this build" for `pack` or `fleet` instead of crashing.
 
 Exit codes: 0 success, 1 a refusal or failure the message explains (bad bundle, failed
-gate), 2 a usage error.
+gate), 2 a usage error. A mistake ends in one line that says what was wrong and what was
+expected; the traceback is shown only with -v (anywhere on the command line).
 """
 
 from __future__ import annotations
@@ -105,10 +106,10 @@ def _chosen(argv: Sequence[str]) -> str | None:
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser with full options for ``commands`` (all when None); the others are listed by
     name and help only, so their modules are not imported."""
-    p = argparse.ArgumentParser(prog="edgert", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    p = StrictParser(prog="edgert", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO and show tracebacks (anywhere)")
     p.add_argument("--version", action="version", version=f"edgert {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=StrictParser)
     wanted = set(COMMANDS) if commands is None else set(commands)
     for name, cmd in COMMANDS.items():
         if name not in wanted:
@@ -128,13 +129,55 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     return p
 
 
+class StrictParser(argparse.ArgumentParser):
+    """No silent abbreviations, and an unknown option names the closest known one."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*a, **kw)
+
+    def error(self, message: str) -> Any:
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            known = [o for action in self._actions for o in action.option_strings]
+            for action in self._actions:  # the top-level parser reports the subcommand's unknown options
+                if isinstance(action, argparse._SubParsersAction):
+                    for parser in action.choices.values():
+                        known += [o for a in parser._actions for o in a.option_strings]
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                if arg.startswith("-"):
+                    close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+                    if close:
+                        hints.append(f"{arg}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
+def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """-v/--verbose is accepted anywhere (before or after the subcommand), up to a ``--``."""
+    out, verbose = [], False
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            out += argv[i:]
+            break
+        if arg in ("-v", "--verbose"):
+            verbose = True
+            continue
+        out.append(arg)
+    return out, verbose
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = _split_verbose(list(sys.argv[1:] if argv is None else argv))
     chosen = _chosen(argv)
     args = build_parser([chosen] if chosen else []).parse_args(argv)
+    args.verbose = verbose
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s" if verbose else "%(levelname)s %(message)s",
     )
     try:
         return int(args.func(args))
@@ -143,7 +186,25 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if _missing_part(e):
             return _not_in_build(args.command, COMMANDS[args.command], e)(args)
-        raise
+        return _refuse(args.command, e, verbose, unexpected=True)
+    except Exception as e:
+        # The project's own errors are written for people (BundleError, PackError, DatasetError...),
+        # and so are a missing file or a refused value; anything else is named by its type.
+        ours = type(e).__module__.startswith("edge_runtime")
+        return _refuse(args.command, e, verbose, unexpected=not (ours or isinstance(e, (ValueError, OSError))))
+
+
+def _refuse(command: str, e: BaseException, verbose: bool, unexpected: bool) -> int:
+    from edge_runtime.cli.console import describe_error, fail
+
+    if verbose:
+        import traceback
+
+        traceback.print_exception(e)
+    text = describe_error(e)
+    if unexpected:
+        text = f"{type(e).__name__}: {text}" + ("" if verbose else " (run with -v for the traceback)")
+    return fail(f"edgert {command}: {text}")
 
 
 if __name__ == "__main__":

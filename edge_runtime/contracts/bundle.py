@@ -155,20 +155,29 @@ class BundleManifest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME.fullmatch(v):
-            raise ValueError(f"name {v!r} must match {NAME.pattern} (lowercase, digits, . _ -)")
-        return v
+        return check_name(v)
 
     @field_validator("version")
     @classmethod
     def _semver(cls, v: str) -> str:
-        if not SEMVER.fullmatch(v):
-            raise ValueError(f"version {v!r} is not semantic versioning (MAJOR.MINOR.PATCH)")
-        return v
+        return check_version(v)
 
     @property
     def filename(self) -> str:
         return f"{self.name}-{self.version}-{self.target}.edgepkg"
+
+
+def check_name(v: str) -> str:
+    """A model name as a bundle records it (and a file name and an MQTT topic level can hold)."""
+    if not NAME.fullmatch(v):
+        raise ValueError(f"name {v!r} must be 1-64 of lowercase letters, digits, '.', '_', '-' (e.g. orientation)")
+    return v
+
+
+def check_version(v: str) -> str:
+    if not SEMVER.fullmatch(v):
+        raise ValueError(f"version {v!r} is not semantic versioning: expected MAJOR.MINOR.PATCH, e.g. 1.0.0")
+    return v
 
 
 def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
@@ -193,12 +202,17 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
+def generate_keypair(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
     """Write ``signing.key`` (PKCS#8 PEM, mode 0600) and ``signing.pub`` into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out_dir / "signing.key", out_dir / "signing.pub"
-    if priv_path.exists():
-        raise FileExistsError(f"{priv_path} exists; refusing to overwrite a signing key")
+    if priv_path.exists() and not force:
+        raise BundleError(
+            f"{out_dir} already holds a signing key ({priv_path}); pass --force to replace it (bundles signed "
+            "with the old key will not verify against the new public key)"
+        )
+    if force:
+        priv_path.unlink(missing_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -210,10 +224,23 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
     return priv_path, pub_path
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def _read_key_file(path: Path, kind: str) -> bytes:
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (ValueError, TypeError, OSError) as e:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read {kind} key {path}: {e.strerror or e}") from e
+    if kind == "private" and b"PUBLIC KEY-----" in data:
+        raise BundleError(f"{path} is a public key; this option wants the private signing key (signing.key)")
+    if kind == "public" and b"PRIVATE KEY-----" in data:
+        raise BundleError(f"{path} is a private key; this option wants a public key (signing.pub), never the secret")
+    return data
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    data = _read_key_file(path, "private")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
         raise BundleError(f"cannot read signing key {path}: {e}") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise BundleError(f"{path} is not an Ed25519 private key")
@@ -221,9 +248,10 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    data = _read_key_file(path, "public")
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (ValueError, TypeError, OSError) as e:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as e:
         raise BundleError(f"cannot read public key {path}: {e}") from e
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError(f"{path} is not an Ed25519 public key")

@@ -180,6 +180,7 @@ SERVE_FLAGS: dict[str, str] = {
     "--telemetry-interval": "mqtt.telemetry_interval_s",
 }
 SECTIONS: dict[str, type[BaseModel]] = {"batching": BatchingConfig, "mqtt": MqttConfig}
+FLAG_OF = {path: flag for flag, path in SERVE_FLAGS.items()}
 
 
 def config_field(path: str) -> tuple[str, type]:
@@ -239,8 +240,12 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
             where = ".".join(map(str, loc))
             line = lines.get(loc)
             at = f" (line {line})" if line else ""
+            flag = FLAG_OF.get(where)
+            named = f"{flag} ({where})" if flag else where  # the flag a person typed, and the config key
             if err["type"] == "extra_forbidden":
                 msgs.append(f"unknown key {where!r}{at}")
+            elif err["type"] == "missing":
+                msgs.append(f"{named}{at} is required")
             else:
-                msgs.append(f"{where}{at}: {err['msg']}")
+                msgs.append(f"{named}{at}: {str(err['msg']).removeprefix('Value error, ')}")
         raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None

@@ -55,6 +55,7 @@ class Daemon:
             config.http_idle_timeout_s, config.http_request_timeout_s, config.max_connections,
             source_names={s.name for s in config.sources},
         )  # fmt: skip
+        self.state.source_errors = lambda: {s.cfg.name: s.last_error for s in self.sources}
         self.http = HttpServer(self.state, config.host, config.port, config.uds)
         self.grpc: Any = None
         self._threads: list[threading.Thread] = []
@@ -148,7 +149,8 @@ class Daemon:
             except Exception as e:  # serve anyway: an unreachable fleet is no reason to stop answering
                 self.agent = None
                 self.agent_error = f"{type(e).__name__}: {e}"
-                log.exception("the fleet agent could not start; serving offline")
+                log.error("the fleet agent could not start (%s); serving offline", e)
+                log.debug("the fleet agent's start", exc_info=True)
         supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         supervisor.start()
         self._threads.append(supervisor)

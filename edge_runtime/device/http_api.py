@@ -344,6 +344,13 @@ class Api:
                         continue
                     t.write(b"event: result\ndata: " + json.dumps(result).encode() + b"\n\n")
 
+            def report_errors() -> None:
+                """A source that gives no frames says why, instead of a stream that stays silent."""
+                for source, reason in sorted(self.state.source_errors().items()):
+                    if reason and (not wanted or source == wanted):
+                        doc = json.dumps({"source": source, "error": reason}).encode()
+                        t.write(b"event: source-error\ndata: " + doc + b"\n\n")
+
             def keepalive() -> None:
                 if conn.closed:
                     return
@@ -351,8 +358,10 @@ class Api:
                     conn.abort()
                     return
                 t.write(b": keep-alive\n\n")  # proxies and clients see the stream is alive
+                report_errors()
                 self.loop.call_later(15.0, keepalive)
 
+            report_errors()
             self.loop.call_later(15.0, keepalive)
 
         slot.stream = start

@@ -24,6 +24,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,9 @@ class ServerState:
             idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s, max_connections=max_connections,
         )  # fmt: skip
         self.source_names = source_names
+        # Why each frame source gives no frames right now (name -> reason; "" while it does): set by
+        # the daemon, read by /v2/stream so a client learns why nothing comes.
+        self.source_errors: Callable[[], dict[str, str]] = dict
         self.ready = threading.Event()
         self.stopping = threading.Event()
         registry = runtime.metrics.registry
@@ -121,7 +125,7 @@ class HttpServer:
                 )
             )
         except OSError as e:
-            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            raise OSError(f"cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}") from None
         self._servers.append(server)
         self.port = int(server.sockets[0].getsockname()[1])
 
@@ -133,7 +137,7 @@ class HttpServer:
                 self.loop.create_unix_server(lambda: HttpConnection(self), str(path), backlog=self.limits.backlog)
             )
         except OSError as e:
-            raise OSError(e.errno, f"cannot listen on unix socket {path}: {e.strerror or e}") from None
+            raise OSError(f"cannot listen on unix socket {path}: {os.strerror(e.errno) if e.errno else e}") from None
         os.chmod(path, 0o660)
         self._servers.append(server)
 

@@ -62,8 +62,11 @@ class FrameSource:
     Owns its capture thread and a small queue that drops the oldest frame when inference is
     behind. Never blocks the model on a slow sensor."""
 
+    RETRY_S = 5.0  # a source that cannot be read (no camera yet, an empty folder) is tried again
+
     def __init__(self, cfg: SourceConfig, runtime: Runtime, hub: ResultHub) -> None:
         self.cfg, self.runtime, self.hub = cfg, runtime, hub
+        self.last_error = ""  # why the source gives no frames right now ("" while it does)
         handle = runtime.get(cfg.model)
         if handle.manifest.preprocess is None:
             raise ValueError(f"source {cfg.name!r}: model {cfg.model!r} has no image preprocessing in its manifest")
@@ -94,12 +97,24 @@ class FrameSource:
             t.join(5)
 
     def _capture(self) -> None:
+        """Read frames; when the source cannot be read (or a video ends without loop), say why in
+        ``last_error``, count it, and try again after RETRY_S: a device never gives up a sensor."""
+        while not self._stop.is_set():
+            finished = self._capture_once()
+            if finished and self.cfg.kind in ("video", "images") and not self.cfg.loop:
+                return  # a file or folder read once, as configured
+            if not self._stop.is_set():
+                self._stop.wait(self.RETRY_S)
+
+    def _capture_once(self) -> bool:
+        """True when the frames ran out normally, False when reading failed."""
         period = 1.0 / self.cfg.fps if self.cfg.fps > 0 else 0.0
         next_at = time.monotonic()
         try:
             for frame_id, frame in open_frames(self.cfg):
                 if self._stop.is_set():
-                    return
+                    return True
+                self.last_error = ""
                 self.captured.inc(source=self.cfg.name)
                 with self._cond:
                     while len(self._pending) >= self.cfg.queue:
@@ -116,7 +131,11 @@ class FrameSource:
                         next_at = time.monotonic()
         except Exception as e:
             self.errors.inc(source=self.cfg.name)
-            log.error("source %s stopped: %s", self.cfg.name, e)
+            if str(e) != self.last_error:
+                log.error("source %s gives no frames: %s (trying again every %.0f s)", self.cfg.name, e, self.RETRY_S)
+            self.last_error = str(e)
+            return False
+        return True
 
     def _infer(self) -> None:
         spec = self.runtime.get(self.cfg.model).manifest.preprocess

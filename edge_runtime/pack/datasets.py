@@ -89,18 +89,45 @@ def load_samples(
                 arr = np.load(path, allow_pickle=False)
             else:
                 if spec is None:
-                    raise DatasetError(
-                        "image data needs preprocessing: pass --size WxH (and --layout/--color/--scale/"
-                        "--mean/--std) or --preprocess FILE.json"
-                    )
+                    raise DatasetError(f"{path.name} is an image, and images need preprocessing: {_hint(inputs[0])}")
                 arr = preprocess(read_image(path), spec)
             feeds = {inputs[0].name: _add_batch(arr, inputs[0])}
         for i in inputs:
             want = np.dtype(i.dtype)
             if feeds[i.name].dtype != want:
                 feeds[i.name] = feeds[i.name].astype(want)
+            _check_shape(path, i, feeds[i.name])
         samples.append(Sample(feeds, str(path.relative_to(root)), truth.get(path)))
     return samples
+
+
+def _hint(spec: TensorSpec) -> str:
+    """What to pass, guessed from the model's input shape (NCHW or NHWC with 1 or 3 channels)."""
+    shape = spec.shape
+    base = (
+        "pass --size WxH (and --layout/--color/--scale/--mean/--std as the model was trained) or --preprocess FILE.json"
+    )
+    if len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        c, h, w = shape[1], shape[2], shape[3]
+        if c in (1, 3):
+            return f"the model's input {spec.name!r} is [N,{c},{h},{w}]: try --size {w}x{h} --layout nchw; {base}"
+        h, w, c = shape[1], shape[2], shape[3]
+        if c in (1, 3):
+            return f"the model's input {spec.name!r} is [N,{h},{w},{c}]: try --size {w}x{h} --layout nhwc; {base}"
+    return base
+
+
+def _check_shape(path: Path, spec: TensorSpec, arr: np.ndarray) -> None:
+    """A sample must fit the model's input: said here, with both shapes, rather than by the runtime."""
+    dims = ",".join("N" if isinstance(d, str) or d < 0 else str(d) for d in spec.shape)
+    fits = arr.ndim == len(spec.shape) and all(
+        isinstance(w, str) or w < 0 or w == h for w, h in zip(spec.shape, arr.shape, strict=True)
+    )
+    if not fits:
+        raise DatasetError(
+            f"{path.name}: sample of shape [{','.join(map(str, arr.shape))}] does not fit the model's input "
+            f"{spec.name!r} of shape [{dims}]"
+        )
 
 
 class SampleReader:

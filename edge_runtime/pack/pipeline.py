@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edge_runtime.contracts.bundle import load_private_key
+from edge_runtime.contracts.bundle import check_name, check_version, load_private_key
+from edge_runtime.pack.formats import model_format
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.targets import TargetProfile, get_target
 
@@ -43,10 +44,21 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
     artifact = req.artifact or profile.artifact
     if artifact not in profile.all_artifacts:
         raise PackError(f"target {profile.name} ships {' or '.join(profile.all_artifacts)} artifacts, not {artifact}")
-    if artifact == "onnx" and req.model.suffix != ".onnx":
-        raise PackError(f"{req.model}: ONNX artifacts are built from .onnx models; Keras and SavedModel "
-                        "sources convert to TFLite (--artifact tflite, or --target npu)")  # fmt: skip
+    # Everything that can be refused without work is refused first (name, version, source, key, data).
+    check_name(req.name)
+    check_version(req.version)
+    kind = model_format(req.model)
+    if kind == "tflite":
+        raise PackError(f"{req.model} is already a TFLite model; pack its source (ONNX, Keras or SavedModel)")
+    if artifact == "onnx" and kind != "onnx":
+        raise PackError(f"{req.model} is a {kind} model: ONNX artifacts are built from ONNX models; Keras and "
+                        "SavedModel sources convert to TFLite (--artifact tflite, or --target npu)")  # fmt: skip
     load_private_key(req.key)  # refuse a bad key before minutes of work
+    for what, folder in (("--calib", req.calib), ("--eval", req.eval)):
+        if not folder.is_dir():
+            raise PackError(f"{what} {folder} is not a folder; expected a folder of images, .npy or .npz samples")
+        if not any(p.is_file() for p in folder.rglob("*")):
+            raise PackError(f"{what} {folder} is empty; expected images, .npy or .npz samples")
     # ONNX Runtime's shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data
     # of several MB) into the working directory: work inside our temporary directory, with every
     # path of the request made absolute first.

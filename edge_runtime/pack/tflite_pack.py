@@ -15,7 +15,6 @@ TensorFlow runs in the isolated tool environment (toolenv.py), never in this pro
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import subprocess
 import time
@@ -30,6 +29,7 @@ from edge_runtime.contracts.bundle import PreprocessSpec, TensorSpec
 from edge_runtime.pack import toolenv
 from edge_runtime.pack.datasets import Sample
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, record_gate, refuse_if_failed
+from edge_runtime.pack.formats import model_format, source_sha256
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.tflite_batch import batching_by_resize
@@ -40,13 +40,10 @@ CONVERTER = Path(__file__).with_name("tflite_convert.py")
 
 
 def source_kind(path: Path) -> str:
-    if path.is_dir() and (path / "saved_model.pb").exists():
-        return "saved_model"
-    if path.suffix == ".keras":
-        return "keras"
-    if path.suffix == ".onnx":
-        return "onnx"
-    raise ValueError(f"{path}: expected an .onnx or .keras file or a SavedModel directory (with saved_model.pb)")
+    kind = model_format(path)  # from the content, not the suffix
+    if kind == "tflite":
+        raise ValueError(f"{path} is already a TFLite model; pack its source (ONNX, Keras or SavedModel)")
+    return kind
 
 
 def _run_tool(request: dict[str, Any], tmp: Path, console: Console) -> dict[str, Any]:
@@ -198,7 +195,7 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         "candidate": {"batch1": _latency(int8, evals_t, names), "batch8": None},
     }
 
-    source_sha = hashlib.sha256(req.model.read_bytes() if req.model.is_file() else b"").hexdigest()
+    source_sha = source_sha256(req.model)
     tensors = desc["tensors"]
     inputs = [
         TensorSpec(

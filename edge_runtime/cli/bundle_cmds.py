@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.console import console, fail
+from edge_runtime.cli.flags import alias, require
 from edge_runtime.contracts.bundle import BundleError, generate_keypair, load_public_keys, peek_manifest, read_bundle
 
 
@@ -18,8 +19,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    require(args, "trust", "--trust")
     try:
-        keys = load_public_keys(args.key)
+        keys = load_public_keys(args.trust)
     except BundleError as e:  # the key is the problem, not the bundle
         return fail(f"edgert verify: {e}")
     try:
@@ -39,8 +41,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return _inspect_tflite(path, args.json)
     verified = False
     try:
-        if args.key:
-            bundle = read_bundle(path, load_public_keys(args.key))
+        if args.trust:
+            bundle = read_bundle(path, load_public_keys(args.trust))
             manifest, verified = bundle.manifest, True
             report = bundle.files.get("report.md", b"").decode()
         else:
@@ -115,13 +117,17 @@ def add_keys(sub: Any) -> None:
 def add_verify(sub: Any) -> None:
     vf = sub.add_parser("verify", help="exit 0 only for an intact bundle signed by a trusted key")
     vf.add_argument("bundle")
-    vf.add_argument("--key", required=True, action="append", help="trusted public key (file or dir); repeatable")
+    vf.add_argument(
+        "--trust", action="append", help="PUBLIC key (file, or folder of *.pub) to trust; repeatable; required"
+    )
+    alias(vf, "--key", "--trust", "trust", append=True)
     vf.set_defaults(func=cmd_verify)
 
 
 def add_inspect(sub: Any) -> None:
     ins = sub.add_parser("inspect", help="show a bundle's manifest and report, or an ONNX model's ops")
     ins.add_argument("path")
-    ins.add_argument("--key", action="append", help="verify the signature with this public key")
+    ins.add_argument("--trust", action="append", help="verify the signature with this PUBLIC key")
+    alias(ins, "--key", "--trust", "trust", append=True)
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.console import console, fail
+from edge_runtime.cli.flags import alias
 from edge_runtime.contracts.bundle import BundleError, load_public_keys
 
 
@@ -33,13 +34,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edge_runtime.device.daemon import Daemon
 
     overrides = {path: getattr(args, path.replace(".", "__")) for path in SERVE_FLAGS.values()}
-    if not args.mqtt__url:  # without --mqtt the daemon is offline: the fleet flags do not apply
+    if not args.mqtt__url:  # without --broker the daemon is offline: the fleet flags do not apply
         fleet_flags = [f for f, path in SERVE_FLAGS.items() if path.startswith("mqtt.") and overrides[path] is not None]
         if fleet_flags:
             one = len(fleet_flags) == 1
             return fail(
                 f"edgert serve: {', '.join(fleet_flags)} {'is' if one else 'are'} for fleet devices only: add "
-                f"--mqtt URL, or leave {'it' if one else 'them'} out"
+                f"--broker URL, or leave {'it' if one else 'them'} out"
             )
         overrides = {k: v for k, v in overrides.items() if not k.startswith("mqtt.")}
     try:
@@ -110,7 +111,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     try:
         runtime = Runtime(
-            load_public_keys(args.key), threads=args.threads, batching=BatchSettings(max_batch=args.batch)
+            load_public_keys(args.trust), threads=args.threads, batching=BatchSettings(max_batch=args.batch)
         )
         handle = runtime.load(Path(args.bundle))
         n = run_batch(runtime, handle.name, Path(args.input), Path(args.out), Path(args.csv) if args.csv else None)
@@ -139,7 +140,7 @@ def add_serve(sub: Any) -> None:
 
     sv = sub.add_parser("serve", help="the on-device daemon (Open Inference Protocol v2 over HTTP)")
     sv.add_argument("--config", help="YAML config (unknown keys are errors)")
-    fleet = sv.add_argument_group("fleet (MQTT); without --mqtt the daemon is fully offline")
+    fleet = sv.add_argument_group("fleet (MQTT); without --broker the daemon is fully offline")
     for flag, path in SERVE_FLAGS.items():
         description, kind = config_field(path)
         group = fleet if path.startswith("mqtt.") else sv
@@ -152,6 +153,9 @@ def add_serve(sub: Any) -> None:
             choices=choices,
             help=f"{description} [{path}]",
         )
+    for old, new, dest in (("--mqtt", "--broker", "mqtt__url"), ("--mqtt-user", "--broker-user", "mqtt__username"),
+                           ("--mqtt-password-file", "--broker-password-file", "mqtt__password_file")):  # fmt: skip
+        alias(sv, old, new, dest)
     sv.set_defaults(func=cmd_serve)
 
 
@@ -168,7 +172,8 @@ def add_infer(sub: Any) -> None:
     inf.add_argument("input")
     inf.add_argument("-o", "--out", required=True, help="JSON lines output; re-running resumes it")
     inf.add_argument("--csv", help="also write a CSV summary here")
-    inf.add_argument("--key", required=True, action="append", help="trusted public key")
+    inf.add_argument("--trust", action="append", help="PUBLIC key the bundle must be signed by; required")
+    alias(inf, "--key", "--trust", "trust", append=True)
     inf.add_argument("--batch", type=int, default=16)
-    inf.add_argument("--threads", type=int, default=0)
+    inf.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
     inf.set_defaults(func=cmd_infer)

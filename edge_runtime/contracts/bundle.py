@@ -228,7 +228,8 @@ def _read_key_file(path: Path, kind: str) -> bytes:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise BundleError(f"cannot read {kind} key {path}: {e.strerror or e}") from e
+        what = "signing" if kind == "private" else kind
+        raise BundleError(f"cannot read {what} key {path}: {e.strerror or e}") from e
     if kind == "private" and b"PUBLIC KEY-----" in data:
         raise BundleError(f"{path} is a public key; this option wants the private signing key (signing.key)")
     if kind == "public" and b"PRIVATE KEY-----" in data:

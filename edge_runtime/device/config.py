@@ -44,8 +44,9 @@ class BatchingConfig(_Strict):
     inline_max_ms: float = Field(
         10.0,
         ge=0,
-        description="a request that finds the model idle runs at once on the server's event loop, with no"
-        " hand-off between threads, when a one-row run takes at most this long (0: never)",
+        description="a lone request (the model idle, nothing else waiting) whose run is known to take at"
+        " most this long is answered without a thread hand-off back: the HTTP loop awaits it (for at most"
+        " this long), the Python API runs it on the caller's thread (0: never)",
     )
 
     def settings(self) -> BatchSettings:
@@ -168,12 +169,12 @@ SERVE_FLAGS: dict[str, str] = {
     "--max-delay-ms": "batching.max_delay_ms",
     "--instances": "batching.instances",
     "--target": "target",
-    "--mqtt": "mqtt.url",
+    "--broker": "mqtt.url",
     "--device-id": "mqtt.device_id",
     "--group": "mqtt.group",
     "--fleet-key": "mqtt.fleet_key",
-    "--mqtt-user": "mqtt.username",
-    "--mqtt-password-file": "mqtt.password_file",
+    "--broker-user": "mqtt.username",
+    "--broker-password-file": "mqtt.password_file",
     "--tls-ca": "mqtt.tls_ca",
     "--tls-cert": "mqtt.tls_cert",
     "--tls-key": "mqtt.tls_key",

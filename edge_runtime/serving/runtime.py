@@ -77,8 +77,11 @@ class RuntimeMetrics:
         self.rss = r.gauge("edgert_process_resident_memory_bytes", "Resident set size of the process")
         self.cache_hits = r.counter("edgert_cache_hits_total", "Requests answered from the prediction cache", m)
         self.cache_misses = r.counter("edgert_cache_misses_total", "Cacheable requests that were computed", m)
-        self.inline = r.counter(
-            "edgert_inline_runs_total", "Requests run at once on the server's thread (the model was idle)", m
+        self.lone = r.counter(
+            "edgert_lone_requests_total",
+            "Requests that found the model idle and were answered without a queue hand-off back (HTTP: awaited"
+            " on the event loop; Python API: run on the caller's thread)",
+            m,
         )
         self.raw_frames = r.counter(
             "edgert_raw_frames_total", "Requests sent as raw uint8 frames and preprocessed on the device", m
@@ -486,24 +489,12 @@ class Runtime:
         feeds: dict[str, np.ndarray],
         version: str | None = None,
         timeout_ms: float | None = None,
-        inline: bool = False,
-    ) -> str | tuple[str, dict[str, np.ndarray]]:
+    ) -> str:
         """As ``submit``, but the outputs go to ``sink`` together with the rest of their batch (one
         hand-off per batch: what the HTTP event loop uses). The sink receives ``(token, version)``
         as each item's token, the version being the one the request was routed to, which is also
-        returned. A model with a prediction cache goes through a future.
-
-        With ``inline``, a request that finds its model idle (nothing queued or running, no
-        experiment) and whose run takes at most the model's ``inline_max_ms`` runs at once on the
-        caller's thread: then ``(version, outputs)`` is returned and nothing goes to the sink."""
+        returned. A model with a prediction cache goes through a future."""
         handle, feeds, rows = self._admit(name, feeds, version)
-        limit = handle.settings.inline_max_ms
-        if inline and limit > 0 and handle.experiment is None and handle.cache is None:
-            done = handle.batcher.try_inline(feeds, rows, limit / 1000.0)
-            if done is not None:
-                self.metrics.inline.inc(model=name)
-                outputs, ran = done
-                return ran.version, outputs
         if handle.cache is not None and handle.experiment is None:
             sub = self._submit_admitted(handle, feeds, rows, timeout_ms)
 
@@ -528,11 +519,23 @@ class Runtime:
         version: str | None = None,
         timeout_ms: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one request through the model's batcher and wait for it."""
+        """Run one request and wait for it: through the model's batcher, or, when the model is idle
+        and a run is known to take at most its ``inline_max_ms``, at once on this thread (no hand-off
+        to the model's thread and back; a hang hangs only this caller, as waiting would)."""
         if isinstance(feeds, np.ndarray):
             specs = self.get(name, version).inputs
             if len(specs) != 1:
                 raise InputError(f"model {name!r} has {len(specs)} inputs; pass a dict keyed by input name")
             feeds = {specs[0].name: feeds}
+        handle = self.get(name, version)
+        limit = handle.settings.inline_max_ms
+        if limit > 0 and handle.experiment is None and handle.cache is None:
+            handle, admitted, rows = self._admit(name, feeds, version)
+            done = handle.batcher.try_inline(admitted, rows, limit / 1000.0)
+            if done is not None:
+                self.metrics.lone.inc(model=name)
+                return done[0]
+            wait = (timeout_ms or self.batching.timeout_ms) / 1000.0 + 30.0
+            return self._submit_admitted(handle, admitted, rows, timeout_ms).result(timeout=wait)
         wait = (timeout_ms or self.batching.timeout_ms) / 1000.0 + 30.0
         return self.submit(name, feeds, version, timeout_ms).result(timeout=wait)

@@ -56,8 +56,8 @@ class Device:
         self.ctl.subscribe(f"edgert/v1/devices/{device}/events", 1)
         for topic in (f"edgert/v1/devices/{device}/desired", "edgert/v1/groups/g1/desired"):
             self.ctl.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # no state left by other tests
-        self.daemon = Daemon(self.state, "--mqtt", broker.url, "--device-id", device, "--group", "g1",
-                             "--fleet-key", str(fleet / "signing.pub"), "--mqtt-password-file", str(pw),
+        self.daemon = Daemon(self.state, "--broker", broker.url, "--device-id", device, "--group", "g1",
+                             "--fleet-key", str(fleet / "signing.pub"), "--broker-password-file", str(pw),
                              "--telemetry-interval", "0.5", env=env)  # fmt: skip
         self.fleet = fleet
         self.errors: list[Exception] = []

@@ -66,9 +66,9 @@ def test_agent_over_tls(tmp_path: Path, keys: Path) -> None:
         edgert("install", str(make_bundle(tmp_path / "b.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir",
                str(state), "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
         (tmp_path / "pw").write_text("t")
-        d = Daemon(state, "--mqtt", f"mqtts://127.0.0.1:{tls_port}", "--tls-ca", str(tmp_path / "ca.pem"),
+        d = Daemon(state, "--broker", f"mqtts://127.0.0.1:{tls_port}", "--tls-ca", str(tmp_path / "ca.pem"),
                    "--device-id", "devtls", "--group", "g", "--fleet-key", str(tmp_path / "fleet/signing.pub"),
-                   "--mqtt-password-file", str(tmp_path / "pw"))  # fmt: skip
+                   "--broker-password-file", str(tmp_path / "pw"))  # fmt: skip
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not any(s.get("online") for s in seen):
             time.sleep(0.1)

@@ -77,7 +77,9 @@ def test_binary_serves_under_env_i(
 
 def test_binary_has_no_host_tools(binary: Path, tmp_path: Path) -> None:
     args = ["pack", "m.onnx", "--target", "x86-cpu", "--calib", ".", "--eval", ".", "--name", "m", "--version", "1.0.0"]
-    proc = subprocess.run(["env", "-i", str(binary), *args, "--key", "k"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["env", "-i", str(binary), *args, "--signing-key", "k"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert proc.returncode == 1 and "not in this build" in proc.stderr, proc.stderr
     proc = subprocess.run(["env", "-i", str(binary), "fleet", "devices"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 1 and "not in this build" in proc.stderr, proc.stderr

@@ -36,7 +36,7 @@ def model() -> Path:
 
 def _pack(model: Path, keys: Path, calib: Path, ev: Path, *extra: str) -> list[str]:
     return ["pack", str(model), "--target", "x86-cpu", "--calib", str(calib), "--eval", str(ev), "--name", "o",
-            "--version", "1.0.0", "--key", str(keys / "signing.key"), *extra]  # fmt: skip
+            "--version", "1.0.0", "--signing-key", str(keys / "signing.key"), *extra]  # fmt: skip
 
 
 def test_pack_mistakes_are_one_line_each(
@@ -71,7 +71,7 @@ def test_pack_mistakes_are_one_line_each(
         assert time.monotonic() - t0 < 10 and "pydantic" not in text and "http" not in text
     # the public key where the private one is wanted
     args = _pack(model, keys, calib, ev, *size)
-    args[args.index("--key") + 1] = str(keys / "signing.pub")
+    args[args.index("--signing-key") + 1] = str(keys / "signing.pub")
     _one_clean_line(edgert(*args), 1, "is a public key; this option wants the private signing key")
 
 
@@ -98,19 +98,19 @@ def test_keys_and_verify_mistakes(keys: Path, tmp_path: Path, orientation_bundle
     assert edgert("keys", "generate", "--out", str(out), "--force").returncode == 0
     assert (out / "signing.key").read_bytes() != before
     # a missing key is the key's fault, not the bundle's
-    text = _one_clean_line(edgert("verify", str(orientation_bundle), "--key", str(tmp_path / "nope.pub")), 1,
+    text = _one_clean_line(edgert("verify", str(orientation_bundle), "--trust", str(tmp_path / "nope.pub")), 1,
                            "cannot read public key", "No such file or directory")  # fmt: skip
     assert "REFUSED" not in text
-    _one_clean_line(edgert("verify", str(orientation_bundle), "--key", str(keys / "signing.key")), 1,
+    _one_clean_line(edgert("verify", str(orientation_bundle), "--trust", str(keys / "signing.key")), 1,
                     "is a private key; this option wants a public key")  # fmt: skip
 
 
 def test_serve_mistakes(tmp_path: Path, keys: Path) -> None:
     state = tmp_path / "state"
-    _one_clean_line(edgert("serve", "--state-dir", str(state), "--mqtt", "mqtt://127.0.0.1:1"), 1,
+    _one_clean_line(edgert("serve", "--state-dir", str(state), "--broker", "mqtt://127.0.0.1:1"), 1,
                     "--device-id (mqtt.device_id) is required", "--fleet-key (mqtt.fleet_key) is required")  # fmt: skip
     _one_clean_line(edgert("serve", "--state-dir", str(state), "--device-id", "d1"), 1,
-                    "--device-id is for fleet devices only: add --mqtt URL")  # fmt: skip
+                    "--device-id is for fleet devices only: add --broker URL")  # fmt: skip
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -121,7 +121,7 @@ def test_serve_mistakes(tmp_path: Path, keys: Path) -> None:
     # the fleet's key given as the private one: the device still serves, and says why it is offline
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_runtime.cli", "serve", "--state-dir", str(state), "--port", str(free_port()),
-         "--mqtt", "mqtt://127.0.0.1:1", "--device-id", "d1", "--fleet-key", str(keys / "signing.key")],
+         "--broker", "mqtt://127.0.0.1:1", "--device-id", "d1", "--fleet-key", str(keys / "signing.key")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -150,3 +150,16 @@ def test_usage_mistakes_and_verbose_anywhere(tmp_path: Path) -> None:
     for args in (["-v", "keys", "generate"], ["keys", "generate", "-v"]):
         proc = edgert(*args, "--out", str(tmp_path / "k"))
         assert proc.returncode == 1 and "Traceback" in proc.stderr and "already holds" in proc.stderr
+
+
+def test_old_flag_spellings_still_work_for_one_release_and_say_so(orientation_bundle: Path, keys: Path) -> None:
+    """--key meant a private key in pack/fleet and a public one in verify: now --signing-key and --trust."""
+    old = edgert("verify", str(orientation_bundle), "--key", str(keys / "signing.pub"))
+    assert old.returncode == 0 and "--key is deprecated here; use --trust" in old.stderr
+    new = edgert("verify", str(orientation_bundle), "--trust", str(keys / "signing.pub"))
+    assert new.returncode == 0 and "deprecated" not in new.stderr
+    _one_clean_line(edgert("verify", str(orientation_bundle)), 2, "the following arguments are required: --trust")
+    serve = edgert("serve", "--help")
+    assert "--broker" in serve.stdout and "--mqtt" not in serve.stdout  # old spellings are hidden from help
+    simulate = edgert("fleet", "simulate", "--help").stdout
+    assert "--devices" in simulate and "--signing-key" not in simulate and "--state " not in simulate

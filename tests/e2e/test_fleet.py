@@ -88,8 +88,8 @@ class Ctl:
 
 
 def cli(broker: Broker, fleet: dict[str, Path], state: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return edgert("fleet", "--broker", broker.controller_url, "--key", str(fleet["fleet_key"]), "--state", str(state),
-                  "--username", "controller", "--password-file", str(fleet["ctl_pw"]), *args, **kw)  # fmt: skip
+    return edgert("fleet", "--broker", broker.controller_url, "--signing-key", str(fleet["fleet_key"]), "--state", str(state),
+                  "--broker-user", "controller", "--broker-password-file", str(fleet["ctl_pw"]), *args, **kw)  # fmt: skip
 
 
 def serving(sim: Simulation) -> Counter[str | None]:
@@ -355,8 +355,8 @@ def test_controller_killed_mid_rollout_resumes_and_finishes(
     s = settings(broker, fleet, keys, "kill", rate_hz=8, bundles=(fleet["v1"],))
     with Simulation(s, 10) as sim:
         cli(broker, fleet, state, "publish", str(fleet["v2"]), "--trust", str(keys / "signing.pub"), check=True)
-        args = ["fleet", "--broker", broker.controller_url, "--key", str(fleet["fleet_key"]), "--state", str(state),
-                "--username", "controller", "--password-file", str(fleet["ctl_pw"]), "rollout", "cls:2.0.0",
+        args = ["fleet", "--broker", broker.controller_url, "--signing-key", str(fleet["fleet_key"]), "--state", str(state),
+                "--broker-user", "controller", "--broker-password-file", str(fleet["ctl_pw"]), "rollout", "cls:2.0.0",
                 "--group", "kill", "--strategy", "staged", "--steps", "20,60,100", "--health-window", "2",
                 "--min-inferences", "8", "--min-devices", "2", "--min-p95-increase-ms", "5"]  # fmt: skip
         wait_for(lambda: "10 devices" in cli(broker, fleet, state, "devices", "--group", "kill").stdout

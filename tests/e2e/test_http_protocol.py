@@ -304,19 +304,19 @@ def test_instances_answer_concurrent_requests_correctly(daemon: Daemon) -> None:
 
 
 def test_a_lone_request_runs_at_once_and_concurrent_ones_are_batched(daemon: Daemon) -> None:
-    """One client alone: each request finds the model idle and runs on the loop (no hand-off). Many
-    clients: none runs inline and the batcher forms batches of several rows."""
+    """One client alone: each request finds the model idle and its answer is awaited on the loop (no
+    wake-up of the loop). Many clients: none is awaited and the batcher forms batches of several rows."""
     with Client(daemon.url) as c:  # one queued run teaches the daemon the model's run time
         c.infer("orientation", X)
-    inline0 = _metric(daemon, "edgert_inline_runs_total", model="orientation")
+    inline0 = _metric(daemon, "edgert_lone_requests_total", model="orientation")
     with Client(daemon.url) as c:
         for _ in range(10):
             c.infer("orientation", X)
-    assert _metric(daemon, "edgert_inline_runs_total", model="orientation") == inline0 + 10
+    assert _metric(daemon, "edgert_lone_requests_total", model="orientation") == inline0 + 10
     time.sleep(0.1)  # statistics are counted on the batcher's post thread, every 20 ms
     batches0 = _metric(daemon, "edgert_batch_size_count", model="orientation")
     rows0 = _metric(daemon, "edgert_batch_size_sum", model="orientation")
-    inline1 = _metric(daemon, "edgert_inline_runs_total", model="orientation")
+    inline1 = _metric(daemon, "edgert_lone_requests_total", model="orientation")
 
     def run(_: int) -> None:
         with Client(daemon.url) as c:
@@ -325,7 +325,7 @@ def test_a_lone_request_runs_at_once_and_concurrent_ones_are_batched(daemon: Dae
 
     with ThreadPoolExecutor(24) as pool:
         list(pool.map(run, range(24)))
-    inline = _metric(daemon, "edgert_inline_runs_total", model="orientation") - inline1
+    inline = _metric(daemon, "edgert_lone_requests_total", model="orientation") - inline1
     time.sleep(0.1)  # statistics are counted on the batcher's post thread, every 20 ms
     batches = _metric(daemon, "edgert_batch_size_count", model="orientation") - batches0
     rows = _metric(daemon, "edgert_batch_size_sum", model="orientation") - rows0

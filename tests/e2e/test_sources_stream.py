@@ -119,7 +119,7 @@ def test_batch_infer_resumes(
         str(orientation_data[1]),
         "-o",
         str(out),
-        "--key",
+        "--trust",
         str(keys / "signing.pub"),
     ]
     edgert(*args, check=True)
@@ -145,6 +145,8 @@ def test_batch_infer_video(
 ) -> None:
     video = _video(orientation_data[1], tmp_path / "v.avi")
     out = tmp_path / "v.jsonl"
-    edgert("infer", str(orientation_bundle), str(video), "-o", str(out), "--key", str(keys / "signing.pub"), check=True)
+    edgert(
+        "infer", str(orientation_bundle), str(video), "-o", str(out), "--trust", str(keys / "signing.pub"), check=True
+    )
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert ids == [f"frame-{i:06d}" for i in range(12)]

@@ -31,8 +31,8 @@ def test_outage_and_kill9_lose_nothing(tmp_path: Path, keys: Path) -> None:
     edgert("install", str(make_bundle(tmp_path / "b.edgepkg", keys / "signing.key", "1.0.0")), "--state-dir", str(state),
            "--trust", str(keys / "signing.pub"), check=True)  # fmt: skip
     (tmp_path / "pw").write_text("d")
-    args = ("--mqtt", broker.url, "--device-id", "dev9", "--group", "g", "--fleet-key", str(tmp_path / "fleet/signing.pub"),
-            "--mqtt-password-file", str(tmp_path / "pw"), "--telemetry-interval", "0.2")  # fmt: skip
+    args = ("--broker", broker.url, "--device-id", "dev9", "--group", "g", "--fleet-key", str(tmp_path / "fleet/signing.pub"),
+            "--broker-password-file", str(tmp_path / "pw"), "--telemetry-interval", "0.2")  # fmt: skip
 
     received: list[dict[str, Any]] = []
     lock = threading.Lock()

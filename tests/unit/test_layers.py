@@ -92,4 +92,4 @@ def test_device_build_still_serves_help_and_lists_every_command() -> None:
     proc = _run(BLOCK_HOST + "\nmain(['--help'])")
     assert "serve" in proc.stdout and "fleet" in proc.stdout and "pack" in proc.stdout
     proc = _run(BLOCK_HOST + "\nmain(['serve', '--help'])")
-    assert "--state-dir" in proc.stdout and "--mqtt" in proc.stdout
+    assert "--state-dir" in proc.stdout and "--broker" in proc.stdout

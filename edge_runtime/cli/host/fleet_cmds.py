@@ -22,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edge_runtime.cli.flags import alias
 from edge_runtime.contracts.bundle import load_private_key
 from edge_runtime.contracts.fleet import dump
 from edge_runtime.fleet.controller import Controller, FleetError, RolloutParams
@@ -41,8 +42,8 @@ def _link(args: argparse.Namespace, db: ControllerDB, need_key: bool) -> FleetLi
     if not args.broker:
         raise FleetError("--broker mqtt://HOST:PORT is required")
     key = None
-    if args.key:
-        key = load_private_key(Path(args.key))
+    if args.signing_key:
+        key = load_private_key(Path(args.signing_key))
     elif need_key:
         raise FleetError("this command publishes signed desired state: --key FLEET_KEY (the private key) is required")
     auth = BrokerAuth.parse(args.broker, args.username, args.password_file, args.tls_ca)
@@ -426,25 +427,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    # The controller's options are accepted before or after the fleet subcommand; `simulate` runs
+    # devices, not a controller, and takes only the broker.
+    options = (
+        ("--broker", "broker", "mqtt[s]://[USER[:PASS]@]HOST:PORT"),
+        ("--signing-key", "signing_key", "the fleet's PRIVATE key that signs control messages"),
+        ("--state", "state", f"controller state file ({default_state()})"),
+        ("--broker-user", "username", "broker account (default: from the URL)"),
+        ("--broker-password-file", "password_file", "broker password (or EDGERT_MQTT_PASSWORD)"),
+        ("--tls-ca", "tls_ca", "CA certificate for mqtts://"),
+    )
+    olds = (("--key", "--signing-key", "signing_key"), ("--username", "--broker-user", "username"),
+            ("--password-file", "--broker-password-file", "password_file"))  # fmt: skip
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--broker", default=argparse.SUPPRESS, help="mqtt[s]://[USER[:PASS]@]HOST:PORT")
-    common.add_argument("--key", default=argparse.SUPPRESS, help="the fleet's private signing key")
-    common.add_argument("--state", default=argparse.SUPPRESS, help=f"controller state file ({default_state()})")
-    common.add_argument("--username", default=argparse.SUPPRESS, help="broker account (default: from the URL)")
-    common.add_argument("--password-file", default=argparse.SUPPRESS, help="broker password (or EDGERT_MQTT_PASSWORD)")
-    common.add_argument("--tls-ca", default=argparse.SUPPRESS, help="CA certificate for mqtts://")
+    for flag, dest, h in options:
+        common.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=h)
+    for old, new, dest in olds:
+        alias(common, old, new, dest, default=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="stable JSON output")
+    broker_only = argparse.ArgumentParser(add_help=False)
+    broker_only.add_argument("--broker", default=argparse.SUPPRESS, help="mqtt[s]://[USER[:PASS]@]HOST:PORT")
 
     fl = sub.add_parser("fleet", help="fleet controller: devices, publish, rollouts, simulated devices")
-    for a, h in (
-        ("--broker", "mqtt[s]://[USER[:PASS]@]HOST:PORT"),
-        ("--key", "the fleet's private signing key"),
-        ("--state", f"controller state file ({default_state()})"),
-        ("--username", "broker account"),
-        ("--password-file", "broker password (or EDGERT_MQTT_PASSWORD)"),
-        ("--tls-ca", "CA for mqtts://"),
-    ):
-        fl.add_argument(a, default=None, help=h)
+    for flag, dest, h in options:
+        fl.add_argument(flag, dest=dest, default=None, help=h)
+    for old, new, dest in olds:
+        alias(fl, old, new, dest)
     fl.set_defaults(json=False)
     fs = fl.add_subparsers(dest="fleet_command", required=True)
 
@@ -502,7 +510,7 @@ def add_parser(sub: Any) -> None:
         if cmd == "abort":
             p.add_argument("--reason", default="aborted by the operator")
 
-    sm = fs.add_parser("simulate", parents=[common], help="run N simulated devices (real agents) against a broker")
+    sm = fs.add_parser("simulate", parents=[broker_only], help="run N simulated devices (real agents) against a broker")
     sm.add_argument("--devices", type=int, required=True)
     sm.add_argument("--state-root", required=True)
     sm.add_argument("--group", required=True)

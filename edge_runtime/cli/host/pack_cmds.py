@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.console import console, fail
+from edge_runtime.cli.flags import alias, require
 from edge_runtime.contracts.bundle import BundleError, PreprocessSpec
 
 
@@ -55,6 +56,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from edge_runtime.pack.report import render_report
     from edge_runtime.pack.validate import Gate
 
+    require(args, "signing_key", "--signing-key")
     labels = None
     if args.labels:
         labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
@@ -65,7 +67,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         eval=Path(args.eval),
         name=args.name,
         version=args.version,
-        key=Path(args.key),
+        key=Path(args.signing_key),
         out=Path(args.out) if args.out else None,
         preprocess=preprocess_from_args(args),
         labels=labels,
@@ -115,7 +117,9 @@ def add_pack(sub: Any) -> None:
     pk.add_argument("--eval", required=True, help="held-out evaluation data (ImageFolder layout for labels)")
     pk.add_argument("--name", required=True)
     pk.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
-    pk.add_argument("--key", required=True, help="Ed25519 private key (edgert keys generate)")
+    pk.add_argument("--signing-key", dest="signing_key", help="the PRIVATE Ed25519 key that signs the bundle"
+                    " (edgert keys generate); required")  # fmt: skip
+    alias(pk, "--key", "--signing-key", "signing_key")
     pk.add_argument("-o", "--out", help="output .edgepkg (default NAME-VERSION-TARGET.edgepkg)")
     pk.add_argument("--labels", help="class names, one per line (index order)")
     pk.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
@@ -124,8 +128,8 @@ def add_pack(sub: Any) -> None:
     pk.add_argument("--min-top1", type=float, default=0.95, help="gate: top-1 agreement with fp32 (0.95)")
     pk.add_argument("--max-drop", type=float, default=0.02, help="gate: task accuracy drop (0.02)")
     pk.add_argument("--no-recover", action="store_true", help="do not keep sensitive layers in float")
-    pk.add_argument("--max-calib", type=int)
-    pk.add_argument("--max-eval", type=int)
+    pk.add_argument("--max-calib", type=int, help="use at most this many calibration samples")
+    pk.add_argument("--max-eval", type=int, help="use at most this many evaluation samples")
     pk.add_argument("--stateful", action="store_true", help="never batch requests of this model")
     pre = pk.add_argument_group("preprocessing (or --preprocess FILE.json with the same fields)")
     pre.add_argument("--preprocess")

@@ -110,7 +110,7 @@ class Agent:
 
         u = urlparse(cfg.url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ValueError(f"--mqtt expects mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.url!r}")
+            raise ValueError(f"--broker expects mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.url!r}")
         self._host, self._port = u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883)
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.device_id, protocol=mqtt.MQTTv5)
         if cfg.username:

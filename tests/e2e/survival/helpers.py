@@ -27,8 +27,8 @@ NESTED = b"[" * 1500 + b"]" * 1500  # 3 kB; json.loads alone raises RecursionErr
 
 
 def serve_args(broker: Broker, device: str, fleet_key: Path, pw: Path) -> list[str]:
-    return ["--mqtt", broker.url, "--device-id", device, "--group", f"grp-{device}",
-            "--fleet-key", str(fleet_key / "signing.pub"), "--mqtt-password-file", str(pw),
+    return ["--broker", broker.url, "--device-id", device, "--group", f"grp-{device}",
+            "--fleet-key", str(fleet_key / "signing.pub"), "--broker-password-file", str(pw),
             "--telemetry-interval", "0.3"]  # fmt: skip
 
 

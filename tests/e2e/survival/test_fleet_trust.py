@@ -131,7 +131,7 @@ def test_the_fleet_keeps_its_own_record_of_a_devices_group(
     state = tmp_path / "state"
     install_v1(tmp_path, state, keys)
     pw, cpw = password(tmp_path, "sv1"), password(tmp_path, "controller")
-    fleet = ["fleet", "--broker", broker.controller_url, "--username", "controller", "--password-file", str(cpw),
+    fleet = ["fleet", "--broker", broker.controller_url, "--broker-user", "controller", "--broker-password-file", str(cpw),
              "--state", str(tmp_path / "fleet.db")]  # fmt: skip
 
     def group_of(device: str) -> str | None:

@@ -87,7 +87,7 @@ def test_garbage_a_device_retains_does_not_stop_the_controller(
             rogue.publish("edgert/v1/devices/sv2/state", payload, qos=1, retain=True).wait_for_publish(5)
         rogue.publish("edgert/v1/devices/sv2/status", NESTED, qos=1, retain=True).wait_for_publish(5)
         pw = password(tmp_path, "controller")
-        cmd = ["fleet", "--broker", broker.controller_url, "--username", "controller", "--password-file", str(pw),
+        cmd = ["fleet", "--broker", broker.controller_url, "--broker-user", "controller", "--broker-password-file", str(pw),
                "--state", str(tmp_path / "fleet.db"), "devices", "--json"]  # fmt: skip
         listing = wait_for(
             lambda: (r := edgert(*cmd)).returncode == 0

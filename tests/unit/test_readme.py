@@ -1,0 +1,65 @@
+"""The README says what the program does: its CLI block lists every subcommand's flags and no flag
+the parser lacks; its configuration block lists every config field."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli.main import build_parser
+
+pytestmark = pytest.mark.unit
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def _block(heading: str) -> str:
+    section = README.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def _commands(parser: argparse.ArgumentParser, path: str = "") -> dict[str, set[str]]:
+    """'pack' -> its long options (shown in --help); nested: 'fleet rollout' -> ..."""
+    found: dict[str, set[str]] = {}
+    opts = {o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")}
+    found[path] = opts - {"--help", "--version", "--verbose"}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_commands(sub, f"{path} {name}".strip()))
+    return found
+
+
+def test_every_flag_is_in_the_readme_cli_block_and_none_that_is_not_real() -> None:
+    block = _block("CLI")
+    commands = _commands(build_parser())
+    missing = {f"{cmd}: {o}" for cmd, opts in commands.items() for o in opts if not re.search(rf"{o}\b", block)}
+    assert not missing, f"flags missing from the README's CLI block: {sorted(missing)}"
+    known = set().union(*commands.values()) | {"--version", "--verbose", "--help"}
+    unknown = sorted(set(re.findall(r"--[a-z][a-z0-9-]*", block)) - known)
+    assert not unknown, f"the README's CLI block lists flags the program does not have: {unknown}"
+
+
+def test_every_config_field_is_in_the_readme_configuration_block() -> None:
+    from pydantic import BaseModel
+
+    from edge_runtime.device.config import ServeConfig
+
+    block = _block("Configuration (`edgert serve --config edgert.yaml`)")
+
+    def fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, info in model.model_fields.items():
+            out.append(prefix + name)
+            ann = info.annotation
+            for arg in (*getattr(ann, "__args__", ()), ann):
+                for sub in (*getattr(arg, "__args__", ()), arg):
+                    if isinstance(sub, type) and issubclass(sub, BaseModel):
+                        out += fields(sub, prefix + name + ".")
+        return out
+
+    missing = [f for f in fields(ServeConfig) if not re.search(rf"\b{f.rsplit('.', 1)[-1]}:", block)]
+    assert not missing, f"config fields missing from the README's configuration block: {missing}"

@@ -38,7 +38,7 @@ test: lint system-deps
 	$(PY) -m pytest
 
 # Local loop: skip the heavy tests (TensorFlow conversion, binary build, soaks).
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -m 'not slow'
 
 bench: $(STAMP)

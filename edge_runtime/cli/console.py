@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
-console = Console(stderr=True, soft_wrap=True)
+# log_path=False: lines for people carry no source file and line (-v shows tracebacks instead)
+console = Console(stderr=True, soft_wrap=True, log_path=False)
 
 
 def fail(message: str) -> int:

@@ -30,7 +30,7 @@ from edge_runtime.fleet.db import ControllerDB, Rollout
 from edge_runtime.fleet.link import BrokerAuth, DeviceView, FleetLink
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, log_path=False)
 
 
 def default_state() -> Path:
@@ -45,7 +45,9 @@ def _link(args: argparse.Namespace, db: ControllerDB, need_key: bool) -> FleetLi
     if args.signing_key:
         key = load_private_key(Path(args.signing_key))
     elif need_key:
-        raise FleetError("this command publishes signed desired state: --key FLEET_KEY (the private key) is required")
+        raise FleetError(
+            "this command publishes signed desired state: --signing-key FLEET_KEY (the private key) is required"
+        )
     auth = BrokerAuth.parse(args.broker, args.username, args.password_file, args.tls_ca)
     return FleetLink(auth, key, db)
 

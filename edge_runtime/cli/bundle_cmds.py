@@ -96,7 +96,12 @@ def _inspect_onnx(path: Path, as_json: bool) -> int:
         "inputs": [t.model_dump() for t in tensor_specs(graph_inputs(model))],
         "outputs": [t.model_dump() for t in tensor_specs(model.graph.output)],
         "ops": ops,
-        "unsupported": {name: t.unsupported(ops) for name, t in targets().items()},
+        # One verdict: a target that runs a converted artifact (npu: TFLite ops after onnx2tf) can only
+        # be judged after the conversion `edgert pack` does; saying [] here would promise what pack refuses.
+        "unsupported": {
+            name: t.unsupported(ops) if "onnx" in t.all_artifacts else "judged after conversion (edgert pack)"
+            for name, t in targets().items()
+        },
     }
     if as_json:
         print(json.dumps(out, indent=2))

@@ -37,7 +37,8 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
 
     calib, evals = load_held_out(req, prep.inputs, console)
     output_names = [o.name for o in prep.outputs]
-    reference = run_all(session(prep.path), evals, output_names)
+    with console.status(f"running the fp32 model on {len(evals)} held-out samples"):
+        reference = run_all(session(prep.path), evals, output_names)
 
     candidate = tmp / "model.onnx"
     mode = choose_mode(prep.ops, profile) if req.precision == "int8" else "none"
@@ -67,7 +68,8 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         else:
             shutil.copyfile(prep.path, candidate)
             settings = QuantSettings(mode="none", precision="fp32")
-        outputs = run_all(session(candidate, exact=profile.validate_exact), evals, output_names)
+        with console.status(f"validating the candidate against fp32 on {len(evals)} held-out samples"):
+            outputs = run_all(session(candidate, exact=profile.validate_exact), evals, output_names)
         return settings, compare(reference, outputs, output_names, evals, req.labels)
 
     settings, report = build([])
@@ -82,7 +84,8 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         attempts.append({"op_types": COMPUTE_OPS, "kept_float": [], "failures": failures})
         console.log(f"  quantizing only {', '.join(COMPUTE_OPS)}: {'pass' if not failures else 'fail'}")
         if failures:
-            ranked = layer_sensitivity(prep.path, candidate, calib[:8], COMPUTE_OPS)
+            with console.status("ranking quantized nodes by the error each adds"):
+                ranked = layer_sensitivity(prep.path, candidate, calib[:8], COMPUTE_OPS)
             for k in RECOVERY_STEPS:
                 exclude = [n for n, _ in ranked[:k]]
                 settings, report = build(exclude, COMPUTE_OPS)

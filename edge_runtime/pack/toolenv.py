@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import venv
 from collections.abc import Callable
 from pathlib import Path
@@ -62,10 +63,21 @@ def ensure(log: Callable[[str], object] = print) -> Path:
     log(f"creating the TFLite converter environment in {path} (first use; TensorFlow, onnx2tf: a few minutes)")
     path.parent.mkdir(parents=True, exist_ok=True)
     venv.EnvBuilder(with_pip=True, clear=True).create(path)
-    cmd = [str(python()), "-m", "pip", "install", "--disable-pip-version-check", "-q", ONNX2TF, *EXTRA]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ToolEnvError(f"could not create the TFLite converter environment: {proc.stderr[-2000:]}")
+    cmd = [str(python()), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
+           ONNX2TF, *EXTRA]  # fmt: skip
+    # pip's own lines as progress (a few minutes of silence otherwise): every package it collects
+    # and the final install are reported; the rest is kept for the error message.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    started = time.monotonic()
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = [*tail[-40:], line]
+        if line.startswith(("Collecting ", "Installing collected packages", "Successfully installed")):
+            log(f"  tool env [{time.monotonic() - started:4.0f} s] {line[:150]}")
+    if proc.wait() != 0:
+        raise ToolEnvError("could not create the TFLite converter environment: " + "\n".join(tail[-15:]))
     (path / STAMP).write_text(json.dumps({"packages": [ONNX2TF, *EXTRA], "python": sys.version.split()[0]}))
     return python()
 

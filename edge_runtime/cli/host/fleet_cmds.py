@@ -158,7 +158,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     def run(ctl: Controller, link: FleetLink, db: ControllerDB) -> int:
-        info = ctl.publish(Path(args.bundle), [Path(t) for t in args.trust], args.url, not args.no_chunks)
+        size = Path(args.bundle).stat().st_size
+        with err.status(f"verifying and publishing {args.bundle} ({size / 1e6:.1f} MB)"):
+            info = ctl.publish(Path(args.bundle), [Path(t) for t in args.trust], args.url, not args.no_chunks)
         if args.json:
             print(json.dumps(info))
         else:

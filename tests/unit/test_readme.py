@@ -63,3 +63,13 @@ def test_every_config_field_is_in_the_readme_configuration_block() -> None:
 
     missing = [f for f in fields(ServeConfig) if not re.search(rf"\b{f.rsplit('.', 1)[-1]}:", block)]
     assert not missing, f"config fields missing from the README's configuration block: {missing}"
+
+
+def test_the_layout_section_names_every_package_folder_and_no_other() -> None:
+    root = Path(__file__).resolve().parents[2]
+    block = _block("Layout")
+    listed = set(re.findall(r"^  ([a-z_]+)/", block, re.M))
+    real = {p.name for p in (root / "edge_runtime").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert listed == real, f"README Layout lists {sorted(listed)}, the package holds {sorted(real)}"
+    top = set(re.findall(r"^([a-z]+)/", block, re.M))
+    assert top and all((root / t).is_dir() for t in top), top

@@ -67,6 +67,9 @@ COMMANDS: dict[str, Command] = {
         "fleet controller: devices, publish, rollouts, simulation",
         "fleet",
     ),
+    "completion": Command(
+        "edge_runtime.cli.completion:add_parser", "print a shell completion script (bash or zsh)", "device"
+    ),
     "demo": Command(
         "edge_runtime.cli.host.demo:add_parser", "fetch a real model, pack it, verify, load and run it", "host"
     ),

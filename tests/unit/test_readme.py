@@ -73,3 +73,21 @@ def test_the_layout_section_names_every_package_folder_and_no_other() -> None:
     assert listed == real, f"README Layout lists {sorted(listed)}, the package holds {sorted(real)}"
     top = set(re.findall(r"^([a-z]+)/", block, re.M))
     assert top and all((root / t).is_dir() for t in top), top
+
+
+def test_shell_completion_comes_from_the_parser(tmp_path: Path) -> None:
+    """`edgert completion bash` completes subcommands and each subcommand's flags in a real bash."""
+    import shutil
+    import subprocess
+
+    from edge_runtime.cli.completion import script
+
+    if not shutil.which("bash"):
+        pytest.skip("no bash here")
+    (tmp_path / "c.sh").write_text(script("bash"))
+    probe = """source {f}
+    complete_at() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _edgert; echo "${{COMPREPLY[@]}}"; }}
+    complete_at edgert pa; complete_at edgert serve --gr; complete_at edgert fleet rollout --str"""
+    out = subprocess.run(["bash", "-c", probe.format(f=tmp_path / "c.sh")], capture_output=True, text=True).stdout
+    assert out.splitlines() == ["pack", "--group --grpc-port", "--strategy"], out
+    assert script("zsh").startswith("autoload -U +X bashcompinit")

@@ -170,6 +170,9 @@ def test_canary_then_staged_reaches_every_device_and_offline_one_converges(
         assert status["group"]["offline_behind"] == []
         human = cli(broker, fleet, state, "status", check=True).stdout
         assert "staged cls 1.0.0 -> 2.0.0" in human and "completed" in human
+        # without a broker: what the controller's own state file records
+        offline = edgert("fleet", "--state", str(state), "status", check=True).stdout
+        assert "staged cls 1.0.0 -> 2.0.0" in offline and "completed" in offline and "pass --broker" in offline
     finally:
         off.stop()
         sim_proc.send_signal(signal.SIGTERM)

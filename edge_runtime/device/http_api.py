@@ -6,7 +6,7 @@ Errors are JSON ``{"error": "..."}`` with the status the protocol's clients expe
 input, 404 unknown model or endpoint, 405 wrong method, 413 too large, 429 queue full, 503 not
 ready or shutting down, 504 timed out in the queue, 500 the model itself failed.
 
-An inference is decoded on the loop (the body is already one buffer; binary tensors are views of
+An inference is decoded on the loop (the body is already one bytes object; binary tensors are views of
 it), validated and queued by the Runtime, whose batcher copies its rows into the forming batch;
 the whole batch's outputs come back to the loop in one hand-off (``LoopSink``) and are encoded
 here. Raw uint8 frames are preprocessed on a small thread pool so the loop never waits on OpenCV.

@@ -115,7 +115,6 @@ class HttpConnection(asyncio.Protocol):
         self._body_limit = 0
         self._body_parts: list[bytes] = []
         self._body_len = 0
-        self._body_buf: bytearray | None = None
         self.deadline = 0.0
         self.kind = "idle"
         self.idle_since = time.monotonic()
@@ -201,7 +200,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.req = Request()
         self._header_bytes = 0
-        self._body_parts, self._body_len, self._body_buf = [], 0, None
+        self._body_parts, self._body_len = [], 0
         self._set_deadline("request", self.limits.request_timeout_s)
 
     def on_url(self, url: bytes) -> None:
@@ -244,30 +243,26 @@ class HttpConnection(asyncio.Protocol):
                 kind = "binary" if binary else "JSON"
                 self.refuse(413, f"{kind} body of {n} bytes exceeds the limit of {self._body_limit}", "too_large")
                 raise httptools.HttpParserCallbackError("body too large")
-            if n:
-                self._body_buf = bytearray(n)  # the body is read straight into one buffer
         if req.headers.get("expect", "").lower() == "100-continue" and not self.slots and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        # Parts are kept as the parser gives them and joined once at the end (one copy; a body that
+        # came in one part is used as it is). Chunked bodies are held to the same limit as they come.
         n = len(body)
-        if self._body_buf is not None:
-            self._body_buf[self._body_len : self._body_len + n] = body
-        else:  # chunked: parts are kept until the end, within the same limit
-            if self._body_len + n > self._body_limit:
-                self.refuse(413, f"chunked body exceeds the limit of {self._body_limit} bytes", "too_large")
-                raise httptools.HttpParserCallbackError("body too large")
-            self._body_parts.append(body)
+        if self._body_len + n > self._body_limit:
+            self.refuse(413, f"chunked body exceeds the limit of {self._body_limit} bytes", "too_large")
+            raise httptools.HttpParserCallbackError("body too large")
+        self._body_parts.append(body)
         self._body_len += n
 
     def on_message_complete(self) -> None:
         req, self.req = self.req, None
         assert req is not None
-        if self._body_buf is not None:
-            req.body = self._body_buf
-        elif self._body_parts:
-            req.body = b"".join(self._body_parts)
-        self._body_parts, self._body_buf = [], None
+        parts = self._body_parts
+        if parts:
+            req.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._body_parts = []
         slot = Slot(req.method == "HEAD")
         self.slots.append(slot)
         self._set_deadline("busy", 0.0)

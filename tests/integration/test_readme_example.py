@@ -41,3 +41,42 @@ def test_the_python_api_example_runs_as_written(
         daemon.stop()
     assert scope["out"]["fetch_name_0"].shape == (1, 4)
     assert scope["sub"].version == "1.0.0"
+
+
+def test_the_host_side_example_runs_as_written(
+    orientation_bundle: Path, keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's controller block against a real mosquitto, with one real device of group lobby."""
+    import shutil
+
+    from edge_runtime.contracts.bundle import generate_keypair
+    from tests.broker import Broker
+    from tests.conftest import Daemon, edgert, reversion, wait_for
+
+    section = README.split("\n## Python API", 1)[1]
+    code = section.split("```python\n", 3)[2].split("```", 1)[0]
+    broker = Broker(tmp_path / "broker", {"controller": "ctl-secret", "cam-017": "cam-secret"})
+    generate_keypair(tmp_path / "fleet")
+    (tmp_path / "keys").mkdir()
+    shutil.copy2(keys / "signing.pub", tmp_path / "keys" / "signing.pub")
+    reversion(orientation_bundle, "1.1.0", keys, tmp_path / "orientation-1.1.0-x86-cpu.edgepkg")
+    (tmp_path / "ctl.pw").write_text("ctl-secret")
+    (tmp_path / "cam.pw").write_text("cam-secret")
+    state = tmp_path / "state"
+    edgert("install", str(orientation_bundle), "--state-dir", str(state), "--trust", str(keys / "signing.pub"),
+           check=True)  # fmt: skip
+    device = Daemon(state, "--broker", broker.url, "--device-id", "cam-017", "--group", "lobby", "--fleet-key",
+                    str(tmp_path / "fleet" / "signing.pub"), "--broker-password-file", str(tmp_path / "cam.pw"),
+                    "--telemetry-interval", "0.3")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    try:
+        devices = ["fleet", "--broker", broker.controller_url, "--broker-user", "controller", "--broker-password-file",
+                   str(tmp_path / "ctl.pw"), "--state", str(tmp_path / "probe.db"), "devices", "--json"]  # fmt: skip
+        wait_for(lambda: '"cam-017"' in edgert(*devices).stdout, 30, "the device to report to the broker")
+        exec(compile(code.replace("mqtt://broker:1883", broker.controller_url), "README.md", "exec"), scope)
+    finally:
+        device.stop()
+        broker.stop()
+    rollout = scope["rollout"]
+    assert rollout.status == "running" and rollout.from_version == "1.0.0" and rollout.version == "1.1.0"  # type: ignore[attr-defined]

@@ -210,7 +210,9 @@ def test_write_refuses_bad_names(tmp_path: Path, keys: Path) -> None:
     assert not any(p.name.endswith(".edgepkg") for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("field,value,msg", [("version", "1.2", "semantic"), ("name", "Bad Name", "must be 1-64 of lowercase")])
+@pytest.mark.parametrize(
+    "field,value,msg", [("version", "1.2", "semantic"), ("name", "Bad Name", "must be 1-64 of lowercase")]
+)
 def test_manifest_validation(tmp_path: Path, keys: Path, field: str, value: str, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         write_bundle(

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Build the single device binary dist/edgert with PyInstaller.
+# Build the device binary (dist/edgert one file, dist/edgert-dir one folder) with PyInstaller.
 #
-# PyInstaller cannot cross-compile: the binary runs on the architecture it was built on.
-# x86-64 is built and tested here. For arm64 (Raspberry Pi 4/5, Jetson), run this same script
-# on arm64: on the device itself, on an arm64 CI runner (GitHub's ubuntu-24.04-arm, or a
-# self-hosted runner), or in an arm64 container under qemu-user (slow, but it works:
-# `docker run --platform linux/arm64 -v "$PWD":/src -w /src python:3.11-bookworm packaging/build-binary.sh`).
+# PyInstaller cannot cross-compile: the binary runs on the architecture it was built on. On an
+# x86-64 host, `--arch arm64` builds the aarch64 binary inside an arm64 Debian root under qemu-user
+# (packaging/build-arm64.sh; root and three Debian packages, installed when missing) into dist/arm64/.
 # Build on the oldest glibc you target: the binary needs that glibc or newer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--arch" ]; then
+  case "${2:-}" in
+    arm64|aarch64) [ "$(uname -m)" = aarch64 ] || exec bash packaging/build-arm64.sh ;;
+    x86_64|amd64|"$(uname -m)") ;;
+    *) echo "build-binary: unknown --arch ${2:-}; expected arm64 or x86_64" >&2; exit 2 ;;
+  esac
+  shift 2
+fi
 PYTHON=${PYTHON:-python3.11}
 VENV=${BUILD_VENV:-.venv-build}
 # EDGERT_LAYOUT=onefile|onedir|both (default both) and EDGERT_BACKENDS=onnx,litert (default both)

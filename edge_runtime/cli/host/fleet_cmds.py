@@ -1,7 +1,7 @@
 """`edgert fleet ...`: the operator's side of the fleet. Exit codes: 0 done, 1 refused or aborted
 (the message says why), 2 usage.
 
-    edgert fleet --broker mqtt://HOST:PORT --key FLEET_KEY [--state FILE] COMMAND ...
+    edgert fleet --broker mqtt://HOST:PORT --signing-key FLEET_KEY [--state FILE] COMMAND ...
 
 --json output is stable (README "Fleet rollouts" documents the fields); human output uses rich
 tables and prints every controller decision as it is taken.

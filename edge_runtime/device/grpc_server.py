@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +60,6 @@ class GrpcServer:
         self.port = 0
         self.sink = _GrpcSink(self.loop)
         self._server: Any = None
-        self._pool: ThreadPoolExecutor | None = None
         self.refused = self.runtime.metrics.registry.counter(
             "edgert_grpc_refused_total", "gRPC requests refused, by reason", ("reason",)
         )
@@ -110,8 +108,6 @@ class GrpcServer:
                 fut.result(grace_s + 5)
             except Exception as e:  # the process is going down anyway
                 log.warning("gRPC server did not stop cleanly: %s", e)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- RPCs ---------------------------------------------------------------------------
 
@@ -163,9 +159,7 @@ class GrpcServer:
             )
             submit = partial(self.runtime.submit_to, self.sink, fut, name, feeds, version, timeout_ms)
             if self.runtime.wants_preprocessing(name, feeds, version):
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(2, thread_name_prefix="grpc-frames")
-                await self.loop.run_in_executor(self._pool, submit)
+                await self.loop.run_in_executor(self.http.api.frames_pool(), submit)
             else:
                 submit()
             routed, outputs, error = await fut

@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -152,6 +153,18 @@ class Waiter:
         self.item: Item | None = None
 
 
+@dataclass(slots=True)
+class Pending:
+    """One HTTP inference on its way through a batcher: where its answer goes and how to encode it."""
+
+    conn: HttpConnection
+    slot: Slot
+    req: Request
+    request: dict[str, Any]
+    name: str
+    waiter: Waiter | None = None
+
+
 class LoopSink:
     """Where a batcher hands a whole batch back: one ``call_soon_threadsafe`` per batch, so the loop
     is woken once per batch rather than once per request (none for an awaited lone request)."""
@@ -163,7 +176,8 @@ class LoopSink:
     def deliver(self, items: list[Item]) -> None:
         rest = []
         for item in items:
-            waiter = item[0][0][5]  # ((conn, slot, req, request, name, waiter), version)
+            pending: Pending = item[0][0]  # the Runtime hands back (token, version) as each token
+            waiter = pending.waiter
             if waiter is not None:
                 with waiter.lock:
                     if waiter.state == "waiting":
@@ -187,6 +201,15 @@ class Api:
         # Inferences queued and not yet answered: the loop awaits a lone request's answer only when
         # there are none (a busy server batches, and the loop keeps reading).
         self.inflight = 0
+
+    def frames_pool(self) -> ThreadPoolExecutor:
+        """Where raw frames are preprocessed (OpenCV releases the interpreter lock), off the loop; shared
+        by HTTP and gRPC, made at the first raw frame."""
+        if self._frames_pool is None:
+            import os
+
+            self._frames_pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="frames")
+        return self._frames_pool
 
     def close(self) -> None:
         if self._frames_pool is not None:
@@ -272,7 +295,7 @@ class Api:
             timeout = (request.get("parameters") or {}).get("timeout_ms")
             timeout_ms = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
             if self.runtime.wants_preprocessing(name, feeds, version):
-                self._submit_frames((conn, slot, req, request, name, None), name, feeds, version, timeout_ms)
+                self._submit_frames(Pending(conn, slot, req, request, name), name, feeds, version, timeout_ms)
                 return
             # Nothing else waiting and a fast model: await this answer here for a moment, saving the
             # loop's wake-up (its share of 0.4 ms of hand-offs a request on 2 cores). The model still
@@ -284,7 +307,7 @@ class Api:
                     and conn.server.quiet_except(conn))  # fmt: skip
             waiter = Waiter() if lone else None
             self.runtime.submit_to(
-                self.sink, (conn, slot, req, request, name, waiter), name, feeds, version, timeout_ms
+                self.sink, Pending(conn, slot, req, request, name, waiter), name, feeds, version, timeout_ms
             )
             self.inflight += 1
         except Exception as e:
@@ -300,19 +323,15 @@ class Api:
             self.runtime.metrics.lone.inc(model=name)
             self.finish_batch([waiter.item])
 
-    def _submit_frames(self, token: Any, name: str, feeds: dict[str, np.ndarray], version: str | None,
+    def _submit_frames(self, token: Pending, name: str, feeds: dict[str, np.ndarray], version: str | None,
                        timeout_ms: float | None) -> None:  # fmt: skip
         """Raw frames: preprocessing (OpenCV resize and normalisation) runs on a pool thread."""
-        if self._frames_pool is None:
-            import os
-
-            self._frames_pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="frames")
 
         def work() -> None:  # on a pool thread: OpenCV's preprocessing, then the queue
             self.runtime.submit_to(self.sink, token, name, feeds, version, timeout_ms)
 
         self.inflight += 1
-        fut = self.loop.run_in_executor(self._frames_pool, work)
+        fut = self.loop.run_in_executor(self.frames_pool(), work)
 
         def done(f: asyncio.Future[None]) -> None:
             error = f.exception()
@@ -326,7 +345,7 @@ class Api:
         version the Runtime routed it to)."""
         self.inflight = max(0, self.inflight - len(items))
         for (token, routed), outputs, error in items:
-            conn, slot, req, request, name, _ = token
+            conn, slot, req, request, name = token.conn, token.slot, token.req, token.request, token.name
             if conn.closed:
                 continue
             try:

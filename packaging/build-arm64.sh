@@ -21,10 +21,12 @@ MIRROR=${EDGERT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 export QEMU_CPU=${QEMU_CPU:-cortex-a72}
 
 die() { echo "build-arm64: $*" >&2; exit 1; }
+# Exit 3: this host cannot run aarch64 code at all (no root, no binfmt_misc); a test may skip on it.
+lack() { echo "build-arm64: $*" >&2; exit 3; }
 
 [ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || die "host is $(uname -m); expected x86_64 (emulated) or aarch64"
 if [ "$(uname -m)" = x86_64 ]; then
-  [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, binfmt_misc); run as root, or build on an arm64 machine with packaging/build-binary.sh"
+  [ "$(id -u)" = 0 ] || lack "needs root (debootstrap, chroot, binfmt_misc); run as root, or build on an arm64 machine with packaging/build-binary.sh"
   missing=""
   command -v qemu-aarch64-static >/dev/null || missing="$missing qemu-user-static"
   command -v update-binfmts >/dev/null || missing="$missing binfmt-support"
@@ -32,14 +34,14 @@ if [ "$(uname -m)" = x86_64 ]; then
   if [ -n "$missing" ]; then
     echo "build-arm64: installing Debian packages:$missing"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null \
-      || die "could not install$missing (Debian packages; apt-get failed)"
+      || lack "could not install$missing (Debian packages; apt-get failed)"
   fi
   if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc \
-      || die "binfmt_misc is not mounted and cannot be (a container without the privilege?): aarch64 programs cannot run here"
+      || lack "binfmt_misc is not mounted and cannot be (a container without the privilege?): aarch64 programs cannot run here"
   fi
   [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64 \
-    || die "cannot register qemu-aarch64 with binfmt_misc (package binfmt-support, qemu-user-static)"
+    || lack "cannot register qemu-aarch64 with binfmt_misc (package binfmt-support, qemu-user-static)"
 fi
 
 if [ ! -e "$ROOT/.edgert-ready" ]; then
@@ -72,6 +74,18 @@ echo "build-arm64: PyInstaller under emulation (a few minutes)"
 inroot sh -c 'cd /src/packaging && pyinstaller --noconfirm --clean --log-level WARN --distpath /src/dist --workpath /src/build/pyi edgert.spec'
 rm -rf dist/arm64 && mkdir -p dist/arm64
 cp -a "$ROOT/src/dist/." dist/arm64/
-file dist/arm64/edgert | grep -q "ARM aarch64" || die "dist/arm64/edgert is not an aarch64 executable: $(file dist/arm64/edgert)"
-ls -ld dist/arm64/edgert dist/arm64/edgert-dir
-echo "build-arm64: $(file -b dist/arm64/edgert | cut -d, -f1-2)"
+built=""
+for exe in dist/arm64/edgert dist/arm64/edgert-dir/edgert; do
+  [ -f "$exe" ] || continue
+  file "$exe" | grep -q "ARM aarch64" || die "$exe is not an aarch64 executable: $(file -b "$exe")"
+  built="$built $exe"
+done
+[ -n "$built" ] || die "PyInstaller wrote no executable into dist/arm64"
+# The binary must start on aarch64 code: a crash here (the cpuinfo trap, a missing library) fails
+# the build with its cause instead of shipping a binary that cannot run.
+for exe in $built; do
+  rel=${exe#dist/arm64/}
+  out=$(inroot "/src/dist/$rel" --version 2>&1) || die "$exe does not run under emulation: $out"
+  case "$exe" in */edgert-dir/edgert) sized=$(dirname "$exe") ;; *) sized=$exe ;; esac
+  echo "build-arm64: $exe: $(file -b "$exe" | cut -d, -f1-2); $sized $(du -sh "$sized" | cut -f1); --version: $out"
+done

@@ -17,6 +17,9 @@ from edge_runtime.contracts.bundle import generate_keypair
 from edge_runtime.pack import samples, zoo
 
 REPO = Path(__file__).resolve().parents[1]
+# Packs in tests are judged on this host's kernels, whether or not an arm64 root exists here: the
+# arm64 tests (tests/e2e/test_arm64.py) ask for --judge aarch64 themselves.
+os.environ.setdefault("EDGERT_JUDGE", "host")
 
 
 @pytest.fixture(scope="session")
@@ -193,3 +196,13 @@ def fleet_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("fleet")
     generate_keypair(d)
     return d
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.figures import FIGURES
+
+    if not FIGURES:
+        return
+    terminalreporter.section("measured figures")
+    for section, what, figure in FIGURES:
+        terminalreporter.write_line(f"{section}: {what}: {figure}")

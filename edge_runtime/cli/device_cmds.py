@@ -18,8 +18,12 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     store = ModelStore(Path(args.state_dir))
     try:
-        for pub in args.trust or []:
-            store.trust(Path(pub))
+        for given in map(Path, args.trust or []):
+            pubs = sorted(given.glob("*.pub")) if given.is_dir() else [given]
+            if not pubs:
+                raise BundleError(f"--trust {given} is a folder without *.pub keys")
+            for pub in pubs:
+                store.trust(pub)
         bundle = store.install(Path(args.bundle), target=args.target or default_target(),
                                allow_downgrade=args.allow_downgrade)  # fmt: skip
     except (BundleError, OSError) as e:
@@ -128,7 +132,7 @@ def add_install(sub: Any) -> None:
     inst = sub.add_parser("install", help="verify a bundle and make it the active version in a state dir")
     inst.add_argument("bundle")
     inst.add_argument("--state-dir", required=True)
-    inst.add_argument("--trust", action="append", help="public key to trust (copied into STATE/keys)")
+    inst.add_argument("--trust", action="append", help="public key or folder of *.pub to trust (copied to STATE/keys)")
     inst.add_argument("--target", choices=target_names(), help="this device's target (default from the CPU)")
     inst.add_argument("--allow-downgrade", action="store_true", help="install a version older than the active one")
     inst.set_defaults(func=cmd_install)

@@ -8,7 +8,11 @@
     etc/edgert/edgert.yaml                      default config (a conffile: kept when changed)
     etc/edgert/keys/*.pub                       trusted bundle signing keys
     usr/share/edgert/bundles/*.edgepkg          initial bundles, seeded into the state dir
-    usr/share/edgert/IMAGE.json                 what the image holds, with hashes
+    usr/share/edgert/IMAGE.json                 what the image holds, with hashes, and its CPU (arch)
+
+An image is for one CPU (x86_64 or aarch64), read from the binary's ELF header or given with
+--arch: a binary of the other CPU, or a bundle whose target runs on another CPU, is refused when
+the image is built, and an image is refused by a root whose libraries are of another CPU.
 
 Installing into a root directory (for flashing into an image, or an upgrade in place) is
 idempotent, writes each file atomically, keeps a locally changed config (the new one lands
@@ -30,6 +34,7 @@ from pathlib import Path
 from edge_runtime import __version__
 from edge_runtime.contracts.bundle import BundleError, load_public_keys, read_bundle
 from edge_runtime.contracts.durable import atomic_write
+from edge_runtime.contracts.targets import elf_arch, normalize_arch, target_archs
 from edge_runtime.serving.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,9 +72,12 @@ def build_image(
     trust: list[Path],
     unit: Path = DEFAULT_UNIT,
     config: str = DEFAULT_CONFIG,
+    arch: str | None = None,
 ) -> dict[str, str]:
-    """Write the image tarball; every bundle is verified against the trusted keys first."""
+    """Write the image tarball; every bundle is verified against the trusted keys first, and the
+    binary and every bundle must be for the image's CPU."""
     keys = load_public_keys(trust)
+    arch = _image_arch(Path(binary), arch)
     files, modes = _binary_files(Path(binary))
     files |= {
         "etc/systemd/system/edgert.service": Path(unit).read_bytes(),
@@ -84,10 +92,15 @@ def build_image(
             m = read_bundle(Path(b), keys).manifest
         except BundleError as e:
             raise ImageError(f"bundle {b} refused: {e}") from e
+        runs_on = target_archs(m.target)
+        if arch and runs_on and arch not in runs_on:
+            raise ImageError(
+                f"bundle {b} targets {m.target} ({' or '.join(runs_on)} devices); this image is for {arch}"
+            )
         files[f"usr/share/edgert/bundles/{m.name}-{m.version}.edgepkg"] = Path(b).read_bytes()
     index = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     meta = {"edgert": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": index,
-            "modes": modes}  # fmt: skip
+            "modes": modes, "arch": arch}  # fmt: skip
     files["usr/share/edgert/IMAGE.json"] = json.dumps(meta, indent=2).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -98,6 +111,27 @@ def build_image(
             tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, out)
     return index
+
+
+def _image_arch(binary: Path, asked: str | None) -> str | None:
+    """The image's CPU: the binary's (ELF header), which --arch must agree with when given."""
+    exe = binary / "edgert" if binary.is_dir() else binary
+    found = elf_arch(exe)
+    try:
+        want = normalize_arch(asked) if asked else None
+    except ValueError as e:
+        raise ImageError(f"--arch: {e}") from e
+    if want and found and want != found:
+        raise ImageError(f"--arch {asked}, but the binary {exe} is an {found} executable (build it with "
+                         f"packaging/build-binary.sh --arch {asked})")  # fmt: skip
+    return want or found
+
+
+def _root_arch(root: Path) -> str | None:
+    """The CPU of a Debian-style root file system, from its multiarch library folder; None if unknown."""
+    found = {a for a, d in (("x86_64", "x86_64-linux-gnu"), ("aarch64", "aarch64-linux-gnu"))
+             if (root / "usr/lib" / d).is_dir()}  # fmt: skip
+    return found.pop() if len(found) == 1 else None
 
 
 def _binary_files(binary: Path) -> tuple[dict[str, bytes], dict[str, int]]:
@@ -161,6 +195,10 @@ def install_image(image: Path, root: Path) -> InstallReport:
     for name, digest in index.items():
         if hashlib.sha256(files.get(name, b"")).hexdigest() != digest:
             raise ImageError(f"image member {name!r} is missing or does not match IMAGE.json")
+    image_arch, root_arch = meta.get("arch"), _root_arch(root)
+    if image_arch and root_arch and image_arch != root_arch:
+        raise ImageError(f"{image} is an {image_arch} image; the root {root} is {root_arch} "
+                         f"(usr/lib/{root_arch}-linux-gnu): build the image with --arch {root_arch}")  # fmt: skip
     modes = {**MODES, **meta.get("modes", {})}
     bad = {n: m for n, m in modes.items() if m not in (0o644, 0o755)}
     if bad:

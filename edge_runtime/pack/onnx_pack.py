@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
+from edge_runtime.pack.judge import choose
 from edge_runtime.pack.prepare import compact
 from edge_runtime.pack.quantize import COMPUTE_OPS, QuantSettings, choose_mode, convert_fp16, quantize_int8
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
@@ -27,6 +28,7 @@ RECOVERY_STEPS = (1, 2, 4, 8, 16)
 
 
 def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> PackResult:
+    judge = choose(req.judge, profile)
     console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")
     prep = prepare_onnx(req, tmp)
     for note in prep.notes:
@@ -37,6 +39,7 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
 
     calib, evals = load_held_out(req, prep.inputs, console)
     output_names = [o.name for o in prep.outputs]
+    input_names = [i.name for i in prep.inputs]
     with console.status(f"running the fp32 model on {len(evals)} held-out samples"):
         reference = run_all(session(prep.path), evals, output_names)
 
@@ -68,8 +71,11 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         else:
             shutil.copyfile(prep.path, candidate)
             settings = QuantSettings(mode="none", precision="fp32")
-        with console.status(f"validating the candidate against fp32 on {len(evals)} held-out samples"):
-            outputs = run_all(session(candidate, exact=profile.validate_exact), evals, output_names)
+        if judge.where == "aarch64":
+            outputs = judge.run(candidate.read_bytes(), "onnxruntime", evals, input_names, console)
+        else:
+            with console.status(f"validating the candidate against fp32 on {len(evals)} held-out samples"):
+                outputs = run_all(session(candidate, exact=profile.validate_exact), evals, output_names)
         return settings, compare(reference, outputs, output_names, evals, req.labels)
 
     settings, report = build([])
@@ -100,7 +106,11 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         "kept_float": settings.excluded_nodes,
         "op_types": settings.op_types,
     }
-    report["validated_with"] = "exact Q/DQ arithmetic" if profile.validate_exact else "this host's kernels"
+    host_kernels = (
+        "exact Q/DQ arithmetic (x86, graph optimizations off)" if profile.validate_exact else "this host's kernels"
+    )
+    report["judged_on"] = judge.describe(host_kernels)
+    report["validated_with"] = report["judged_on"]["kernels"]
     shipped, reference_file = tmp / "shipped.onnx", tmp / "reference.onnx"
     compact(candidate, shipped)
     compact(prep.path, reference_file)  # the fp32 baseline gets the same treatment

@@ -21,6 +21,10 @@ def render_report(manifest: BundleManifest, report: dict[str, Any]) -> str:
         + ")",
         f"- evaluation samples: {report['samples']}",
     ]
+    judged = report.get("judged_on")
+    if judged:
+        how = f" under {judged['how']}" if judged.get("how") else ""
+        lines.append(f"- judged on: {judged['kernels']}{how} ({judged['why']})")
     size = report.get("size")
     if size:
         lines.append(

@@ -39,6 +39,7 @@ class PackRequest:
     max_eval: int | None = None
     stateful: bool = False
     artifact: str | None = None  # onnx | tflite; default: the target's first
+    judge: str = "auto"  # auto | host | aarch64: whose kernels judge the candidate (pack/judge.py)
 
 
 @dataclass

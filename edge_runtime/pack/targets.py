@@ -15,6 +15,7 @@ class TargetProfile(BaseModel):
 
     name: str
     description: str
+    arch: list[Literal["x86_64", "aarch64"]]
     runtime: Literal["onnxruntime", "litert"]
     artifact: Literal["onnx", "tflite"]
     activation_type: Literal["uint8", "int8"]
@@ -35,6 +36,7 @@ class TargetProfile(BaseModel):
     allowed_source: str = ""
     max_rank: int = 0
     delegate_hint: str | None = None  # the external delegate library devices of this class load
+    judge_arch: Literal["aarch64"] | None = None  # the CPU whose kernels judge it (pack/judge.py)
 
     @property
     def all_artifacts(self) -> list[str]:

@@ -31,6 +31,7 @@ from edge_runtime.pack import toolenv
 from edge_runtime.pack.datasets import Sample
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, record_gate, refuse_if_failed
 from edge_runtime.pack.formats import model_format, source_sha256
+from edge_runtime.pack.judge import choose
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.tflite_batch import batching_by_resize
@@ -67,6 +68,27 @@ def _run_tool(request: dict[str, Any], tmp: Path, console: Console) -> dict[str,
     return result
 
 
+def _tf_safe_names(src: Path, out: Path) -> Path:
+    """The model with node names TensorFlow accepts as scopes (``^[A-Za-z0-9_.\\/>-]*$``): onnx2tf
+    names its layers after the ONNX nodes, and a name such as PaddleOCR's ``Softmax@0`` fails the
+    conversion. Tensor names (the inputs and outputs clients use) are left alone."""
+    import re
+
+    import onnx
+
+    model = onnx.load(str(src))
+    bad = re.compile(r"[^A-Za-z0-9_./>-]")
+    changed = 0
+    for node in model.graph.node:
+        if node.name and bad.search(node.name):
+            node.name = bad.sub("_", node.name)
+            changed += 1
+    if not changed:
+        return src
+    onnx.save(model, str(out))
+    return out
+
+
 def _nhwc(samples: list[Sample], to_nhwc: set[str]) -> list[Sample]:
     return [
         Sample({k: (v.transpose(0, 2, 3, 1) if k in to_nhwc else v) for k, v in s.feeds.items()}, s.source, s.label)
@@ -99,6 +121,7 @@ def _latency(content: bytes, samples: list[Sample], names: list[str], runs: int 
 
 
 def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> PackResult:
+    judge = choose(req.judge, profile)
     kind = source_kind(req.model)
     if req.precision != "int8":
         raise PackError(
@@ -111,7 +134,7 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         source_specs = prep.inputs
         output_names = [o.name for o in prep.outputs]
         to_nhwc = {s.name for s in source_specs if len(s.shape) == 4}
-        tool_source = prep.path
+        tool_source = _tf_safe_names(prep.path, tmp / "for-tf.onnx")
     else:
         source = req.model
         if kind == "keras" and source.suffix != ".keras":  # Keras loads archives by their suffix only
@@ -160,7 +183,10 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         reference = _litert_outputs(flt, evals_t, names)
         if len(output_names) != len(info["outputs"]):
             output_names = [o["name"] for o in info["outputs"]]
-    candidate = _litert_outputs(int8, evals_t, names)
+    if judge.where == "aarch64":
+        candidate = judge.run(int8, "litert", evals_t, names, console)
+    else:
+        candidate = _litert_outputs(int8, evals_t, names)
     for i, (r, c) in enumerate(zip(reference[0], candidate[0], strict=False)):
         if r.ndim == 4 and c.shape == r.transpose(0, 2, 3, 1).shape and c.shape != r.shape:
             candidate = [[*o[:i], o[i].transpose(0, 3, 1, 2), *o[i + 1 :]] for o in candidate]  # NHWC back
@@ -173,7 +199,8 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         "kept_float": [],
         "op_types": [],
     }
-    report["validated_with"] = "LiteRT (the device backend), XNNPACK, 1 thread"
+    report["judged_on"] = judge.describe("LiteRT XNNPACK on this host, 1 thread")
+    report["validated_with"] = report["judged_on"]["kernels"]
     report["size"] = {
         "reference_bytes": len(flt),
         "candidate_bytes": len(int8),

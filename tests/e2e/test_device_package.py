@@ -3,9 +3,11 @@ the unit passes systemd-analyze verify (no output at all) and security (exposure
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,41 @@ def test_a_folder_that_is_not_a_build_is_refused(tmp_path: Path, keys: Path, ori
     proc = edgert("device-image", "-o", str(tmp_path / "x.tar.gz"), "--binary", str(tmp_path / "empty"),
                   "--bundle", str(orientation_bundle), "--trust", str(keys / "signing.pub"))  # fmt: skip
     assert proc.returncode == 1 and "without an 'edgert' executable" in proc.stderr
+
+
+def _fake_elf(path: Path, machine: int) -> Path:
+    """An ELF header of the given machine (62 x86-64, 183 aarch64): all the image reads of a binary."""
+    path.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(11) + machine.to_bytes(2, "little") + bytes(44))
+    path.chmod(0o755)
+    return path
+
+
+def test_image_is_for_one_cpu(tmp_path: Path, keys: Path, orientation_bundle: Path) -> None:
+    arm = _fake_elf(tmp_path / "edgert-arm", 183)
+    pub = str(keys / "signing.pub")
+    # an x86-cpu bundle in an aarch64 image: refused, naming both
+    proc = edgert("device-image", "-o", str(tmp_path / "a.tar.gz"), "--binary", str(arm),
+                  "--bundle", str(orientation_bundle), "--trust", pub)  # fmt: skip
+    assert proc.returncode == 1 and "targets x86-cpu (x86_64 devices); this image is for aarch64" in proc.stderr
+    # --arch that the binary contradicts
+    proc = edgert("device-image", "-o", str(tmp_path / "b.tar.gz"), "--binary", str(arm), "--arch", "x86_64",
+                  "--trust", pub)  # fmt: skip
+    assert proc.returncode == 1 and "is an aarch64 executable" in proc.stderr
+    # an arm64 bundle goes into the arm64 image, which records its CPU ...
+    arm_bundle = reversion(orientation_bundle, "1.0.0", keys, tmp_path / "o-arm.edgepkg", target="arm64-cpu")
+    image = tmp_path / "arm.tar.gz"
+    edgert("device-image", "-o", str(image), "--binary", str(arm), "--arch", "arm64", "--bundle", str(arm_bundle),
+           "--trust", pub, check=True)  # fmt: skip
+    with tarfile.open(image) as tar:
+        meta = json.loads(tar.extractfile("usr/share/edgert/IMAGE.json").read())  # type: ignore[union-attr]
+    assert meta["arch"] == "aarch64"
+    # ... and an x86-64 root refuses it before writing anything
+    root = tmp_path / "x86root"
+    (root / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    proc = edgert("device-install", str(image), "--root", str(root))
+    assert proc.returncode == 1 and "is an aarch64 image; the root" in proc.stderr and "is x86_64" in proc.stderr
+    assert not (root / "usr/bin").exists()
+    (root / "usr/lib/x86_64-linux-gnu").rmdir()
+    (root / "usr/lib/aarch64-linux-gnu").mkdir()
+    edgert("device-install", str(image), "--root", str(root), check=True)
+    assert (root / "var/lib/edgert/models/orientation/active").read_text() == "1.0.0"

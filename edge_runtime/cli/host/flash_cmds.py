@@ -17,7 +17,7 @@ def cmd_device_image(args: argparse.Namespace) -> int:
         config = Path(args.config).read_text() if args.config else DEFAULT_CONFIG
         index = build_image(
             Path(args.out), Path(args.binary), [Path(b) for b in args.bundle], [Path(k) for k in args.trust],
-            Path(args.unit) if args.unit else DEFAULT_UNIT, config,
+            Path(args.unit) if args.unit else DEFAULT_UNIT, config, args.arch,
         )  # fmt: skip
     except (ImageError, BundleError, OSError) as e:
         return fail(f"edgert device-image: {e}")
@@ -49,6 +49,8 @@ def add_device_image(sub: Any) -> None:
         help="the one-folder build dist/edgert-dir (starts fastest; installed under /usr/lib/edgert) or the"
         " one-file dist/edgert (packaging/build-binary.sh)",
     )
+    img.add_argument("--arch", choices=["arm64", "aarch64", "x86_64", "amd64"],
+                     help="the devices' CPU (default: the binary's); binary and bundles must match it")  # fmt: skip
     img.add_argument("--bundle", action="append", default=[], help="initial bundle; repeatable")
     img.add_argument("--trust", action="append", required=True, help="trusted public key (file or dir)")
     img.add_argument("--unit", help="systemd unit (default: systemd/edgert.service)")

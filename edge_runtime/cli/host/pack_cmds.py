@@ -79,6 +79,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         max_eval=args.max_eval,
         stateful=args.stateful,
         artifact=args.artifact,
+        judge=args.judge,
     )
     try:
         result = pack(req, console)
@@ -113,6 +114,9 @@ def add_pack(sub: Any) -> None:
     pk.add_argument("model")
     pk.add_argument("--target", required=True, choices=target_names(), help="the device class the bundle is for")
     pk.add_argument("--artifact", choices=["onnx", "tflite"], help="arm64-cpu: onnx (default) or tflite")
+    pk.add_argument("--judge", choices=["auto", "host", "aarch64"], default="auto",
+                    help="whose kernels judge the candidate: aarch64 under emulation (the default for ARM targets"
+                    " when the arm64 root is present; EDGERT_JUDGE overrides auto) or this host's")  # fmt: skip
     pk.add_argument("--calib", required=True, help="calibration data: images, .npy or .npz")
     pk.add_argument("--eval", required=True, help="held-out evaluation data (ImageFolder layout for labels)")
     pk.add_argument("--name", required=True)

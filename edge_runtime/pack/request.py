@@ -58,6 +58,7 @@ def batching_of(inputs: list[TensorSpec], outputs: list[TensorSpec], stateful: b
         return {"max_batch": 1, "batchable": False, "stateful": False, "reason": "scalar input/output"}
     if all(isinstance(d, int) for d in first):
         n = int(first[0]) if len({*first}) == 1 and isinstance(first[0], int) else 1
+        n = max(n, 1)  # -1 (a TFLite shape signature's free axis that could not be resized) runs 1 row
         return {"max_batch": n, "batchable": False, "stateful": False, "reason": f"fixed batch {n}"}
     if not all(isinstance(d, str) for d in first):
         return {

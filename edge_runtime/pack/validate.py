@@ -92,7 +92,8 @@ def compare(
             "mean_abs_error": float(np.mean([d.mean() for d in diff])),
             "nonfinite": int(sum(int((~np.isfinite(c)).sum()) for c in cand)),
         }
-        if ref[0].ndim == 4 and ref[0].shape[1] == 1 and all(a.min() >= 0 and a.max() <= 1 for a in ref):
+        # (within 1e-5: the prepared fp32 graph's fused sigmoid can give 1.0000001)
+        if ref[0].ndim == 4 and ref[0].shape[1] == 1 and all(a.min() >= -1e-5 and a.max() <= 1 + 1e-5 for a in ref):
             # A probability map (segmentation, DBNet text detection): IoU of the masks at 0.3,
             # the binarization threshold DBNet's post-processing uses.
             inter = sum(int(((a > 0.3) & (b > 0.3)).sum()) for a, b in zip(ref, cand, strict=True))

@@ -101,6 +101,7 @@ def main() -> None:
             name="orientation", version="1.0.0",
             key=tmp / "keys" / "signing.key", out=tmp / "o.edgepkg",
             preprocess=PreprocessSpec.model_validate(recipe.preprocess), labels=list(recipe.labels or ()),
+            allow_slower=True,
         ))  # fmt: skip
         devs = {}
         for label, binary in binaries.items():

@@ -64,7 +64,7 @@ def main() -> None:
                     model=zoo.fetch(key), target=args.target, calib=cal, eval=ev, name=key, version="1.0.0",
                     key=tmp / "keys" / "signing.key", out=tmp / f"{key}.edgepkg",
                     preprocess=PreprocessSpec.model_validate(recipe.preprocess),
-                    labels=list(recipe.labels) if recipe.labels else None, gate=gate,
+                    labels=list(recipe.labels) if recipe.labels else None, gate=gate, allow_slower=True,
                 ),
                 console,
             )  # fmt: skip

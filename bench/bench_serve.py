@@ -147,6 +147,7 @@ def main() -> None:
             eval=samples.write_orientation_set(tmp / "eval", 32, 2),
             name="orientation", version="1.0.0", key=tmp / "keys" / "signing.key", out=tmp / "o.edgepkg",
             preprocess=PreprocessSpec.model_validate(recipe.preprocess), labels=list(recipe.labels or ()),
+            allow_slower=True,
         ))  # fmt: skip
         model = read_bundle(res.path, load_public_keys([tmp / "keys" / "signing.pub"])).model_bytes
         (tmp / "model.onnx").write_bytes(model)

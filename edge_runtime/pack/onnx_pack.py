@@ -18,13 +18,18 @@ from rich.console import Console
 
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
 from edge_runtime.pack.judge import choose
+from edge_runtime.pack.op_costs import float_ops, op_times, responsible
 from edge_runtime.pack.prepare import compact
 from edge_runtime.pack.quantize import COMPUTE_OPS, QuantSettings, choose_mode, convert_fp16, quantize_int8
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
+from edge_runtime.pack.rewrites import rewrite_for_int8
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.validate import compare, latency_ms, layer_sensitivity, run_all, session
 
 RECOVERY_STEPS = (1, 2, 4, 8, 16)
+# A candidate is "slower" than fp32 beyond this share: the run-to-run spread of the p50s measured
+# here is about 5%, so a candidate at parity is not refused by noise.
+LATENCY_MARGIN = 0.10
 
 
 def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> PackResult:
@@ -45,6 +50,12 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
 
     candidate = tmp / "model.onnx"
     mode = choose_mode(prep.ops, profile) if req.precision == "int8" else "none"
+    source, rewrites = prep.path, {}
+    if mode == "static":
+        rewrites = rewrite_for_int8(prep.path, tmp / "rewritten.onnx")
+        if rewrites:
+            source = tmp / "rewritten.onnx"
+            console.log(f"  rewrote {', '.join(f'{n} {op}' for op, n in rewrites.items())} into quantizable ops")
 
     def build(exclude: list[str], op_types: list[str] | None = None) -> tuple[QuantSettings, dict[str, Any]]:
         if req.precision == "int8":
@@ -56,7 +67,7 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
                     task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib))
                     on_sample = lambda: progress.advance(task)  # noqa: E731
                 settings = quantize_int8(
-                    prep.path,
+                    source,
                     candidate,
                     calib,
                     profile,
@@ -126,11 +137,17 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
     }
     refuse_if_failed(report, failures)
 
-    console.log("measuring latency (1 thread, batch 1 and 8)")
+    console.log("measuring latency (1 thread, batch 1 and 8) and where it goes")
     report["latency_ms"] = {
         label: {f"batch{b}": latency_ms(session(path, 1), evals, b) for b in (1, 8)}
         for label, path in (("reference", prep.path), ("candidate", candidate))
     }
+    costs = {"reference": op_times(prep.path, evals[0]), "candidate": op_times(candidate, evals[0])}
+    report["op_costs_ms"] = costs
+    report["rewrites"] = rewrites
+    if req.precision == "int8":
+        report["float_ops"] = float_ops(costs["candidate"])
+    _latency_gate(req, profile, report, costs)
     batching = batching_of(prep.inputs, prep.outputs, req.stateful)
     if profile.batch_profile and batching["batchable"]:
         batching["profile"] = profile.batch_profile
@@ -161,6 +178,33 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         files["warmup.npz"] = warmup.getvalue()
         batching["warmup"] = "warmup.npz"
     return finish(req, fields, files, report, cwd, console)
+
+
+def _latency_gate(
+    req: PackRequest, profile: TargetProfile, report: dict[str, Any], costs: dict[str, dict[str, Any]]
+) -> None:
+    """Refuse a candidate slower than fp32 where this host's kernels are the device's (x86-cpu);
+    ARM and GPU targets are only recorded (timed on x86 or under emulation: not the device's speed)."""
+    lat = report["latency_ms"]
+    ratios = {}
+    for b in ("batch1", "batch8"):
+        ref, cand = lat["reference"].get(b), lat["candidate"].get(b)
+        if ref and cand:
+            ratios[b] = cand["p50"] / ref["p50"]
+    slower = {b: r for b, r in ratios.items() if r > 1 + LATENCY_MARGIN}
+    timed_here = profile.judge_arch is None
+    why = responsible(costs["reference"], costs["candidate"]) if slower else []
+    applies = timed_here and req.precision != "fp32"
+    report["latency_gate"] = {"ratios": ratios, "margin": LATENCY_MARGIN, "applies": applies,
+                              "allow_slower": req.allow_slower, "slower": bool(slower), "responsible": why}  # fmt: skip
+    if slower and applies and not req.allow_slower:
+        worst = ", ".join(f"{r:.2f}x at {b.replace('batch', 'batch ')}" for b, r in slower.items())
+        raise PackError(
+            f"the {req.precision} candidate is slower than fp32 ({worst}; measured here, 1 thread); "
+            f"responsible: {'; '.join(why) or 'no single op'}. Pass --allow-slower to ship it anyway, or "
+            "--precision auto to ship the fastest candidate that passes the gate (no bundle written)",
+            report,
+        )
 
 
 def _provider_options(profile: TargetProfile, req: PackRequest) -> dict[str, dict[str, Any]]:

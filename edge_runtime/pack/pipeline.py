@@ -67,6 +67,15 @@ def pack(req: PackRequest, console: Console | None = None) -> PackResult:
         req, model=req.model.resolve(), calib=req.calib.resolve(), eval=req.eval.resolve(),
         key=req.key.resolve(), out=req.out.resolve() if req.out else None,
     )  # fmt: skip
+    if req.precision == "auto":
+        from edge_runtime.pack.auto import pack_auto
+
+        return pack_auto(req, profile, artifact, lambda r: _run(r, artifact, console, cwd), console)
+    return _run(req, artifact, console, cwd)
+
+
+def _run(req: PackRequest, artifact: str, console: Console, cwd: Path) -> PackResult:
+    profile = get_target(req.target)
     flow = _flow(artifact)
     with tempfile.TemporaryDirectory(prefix="edgert-pack-") as tmp_s, contextlib.chdir(tmp_s):
         try:

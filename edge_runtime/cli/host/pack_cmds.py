@@ -80,12 +80,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
         stateful=args.stateful,
         artifact=args.artifact,
         judge=args.judge,
+        allow_slower=args.allow_slower,
     )
     try:
         result = pack(req, console)
     except PackError as e:
         if e.report:
-            console.print_json(data={k: e.report[k] for k in ("outputs", "accuracy", "gate", "npu") if k in e.report})
+            keys = ("outputs", "accuracy", "gate", "npu", "latency_gate")
+            console.print_json(data={k: e.report[k] for k in keys if k in e.report})
         return fail(f"edgert pack: {e}")
     except (ValueError, OSError, BundleError) as e:
         return fail(f"edgert pack: {e}")
@@ -126,7 +128,10 @@ def add_pack(sub: Any) -> None:
     alias(pk, "--key", "--signing-key", "signing_key")
     pk.add_argument("-o", "--out", help="output .edgepkg (default NAME-VERSION-TARGET.edgepkg)")
     pk.add_argument("--labels", help="class names, one per line (index order)")
-    pk.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8")
+    pk.add_argument("--precision", choices=["int8", "fp16", "fp32", "auto"], default="int8",
+                    help="auto: pack each the target runs, ship the fastest that passes the gate (int8)")  # fmt: skip
+    pk.add_argument("--allow-slower", action="store_true",
+                    help="ship a candidate slower than fp32 (x86-cpu: refused otherwise)")  # fmt: skip
     pk.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax")
     pk.add_argument("--min-cosine", type=float, default=0.98, help="gate: mean cosine per output (0.98)")
     pk.add_argument("--min-top1", type=float, default=0.95, help="gate: top-1 agreement with fp32 (0.95)")

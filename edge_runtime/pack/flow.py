@@ -16,9 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edge_runtime.contracts.bundle import BundleManifest, TensorSpec, load_private_key, write_bundle
 from edge_runtime.pack.datasets import Sample, load_samples
+from edge_runtime.pack.input_stats import constant_inputs
 from edge_runtime.pack.prepare import PreparedModel, PrepareError, prepare
 from edge_runtime.pack.report import render_report
 from edge_runtime.pack.request import PackError, PackRequest, PackResult
+
+# Fewer held-out samples than this and the gate's figures mean little (each is a 1/N step).
+MIN_EVAL = 8
 
 
 def prepare_onnx(req: PackRequest, tmp: Path) -> PreparedModel:
@@ -37,6 +41,19 @@ def load_held_out(req: PackRequest, specs: list[TensorSpec], console: Console) -
     share samples (held-out data must be different images)."""
     calib = load_samples(req.calib, specs, req.preprocess, req.max_calib)
     evals = load_samples(req.eval, specs, req.preprocess, req.max_eval)
+    if len(evals) < MIN_EVAL:
+        raise PackError(
+            f"the evaluation set has {len(evals)} samples; the gate's figures need at least {MIN_EVAL} (with "
+            f"{len(evals)}, one disagreement moves top-1 agreement by {1 / max(1, len(evals)):.2f}): "
+            "add held-out samples"
+        )
+    flat = constant_inputs(calib) if req.preprocess is not None else {}
+    if flat:
+        name, value = next(iter(flat.items()))
+        raise PackError(
+            f"every calibration value of input {name!r} is {value:g} ({len(calib)} samples: all-black or blank "
+            "images?): the quantization range would be empty; calibrate on real images of what the device sees"
+        )
     shared = _digest(calib) & _digest(evals)
     if shared:
         raise PackError(

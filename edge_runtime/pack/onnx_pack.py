@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
+from edge_runtime.pack.input_stats import input_stats
 from edge_runtime.pack.judge import choose
 from edge_runtime.pack.op_costs import float_ops, op_times, responsible
 from edge_runtime.pack.prepare import compact
@@ -24,7 +25,7 @@ from edge_runtime.pack.quantize import COMPUTE_OPS, QuantSettings, choose_mode, 
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.rewrites import rewrite_for_int8
 from edge_runtime.pack.targets import TargetProfile
-from edge_runtime.pack.validate import compare, latency_ms, layer_sensitivity, run_all, session
+from edge_runtime.pack.validate import compare, latency_pair, layer_sensitivity, run_all, session
 
 RECOVERY_STEPS = (1, 2, 4, 8, 16)
 # A candidate is "slower" than fp32 beyond this share: the run-to-run spread of the p50s measured
@@ -138,10 +139,11 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
     refuse_if_failed(report, failures)
 
     console.log("measuring latency (1 thread, batch 1 and 8) and where it goes")
-    report["latency_ms"] = {
-        label: {f"batch{b}": latency_ms(session(path, 1), evals, b) for b in (1, 8)}
-        for label, path in (("reference", prep.path), ("candidate", candidate))
-    }
+    report["latency_ms"] = {"reference": {}, "candidate": {}}
+    ref_s, cand_s = session(prep.path, 1), session(candidate, 1)
+    for b in (1, 8):
+        pair = latency_pair(ref_s, cand_s, evals, b)
+        report["latency_ms"]["reference"][f"batch{b}"], report["latency_ms"]["candidate"][f"batch{b}"] = pair
     costs = {"reference": op_times(prep.path, evals[0]), "candidate": op_times(candidate, evals[0])}
     report["op_costs_ms"] = costs
     report["rewrites"] = rewrites
@@ -162,7 +164,13 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         "preprocess": req.preprocess.model_dump() if req.preprocess else None,
         "labels": req.labels,
         "precision": req.precision,
-        "quantization": {**settings.as_manifest(), "preparation": prep.notes, "ops": prep.ops},
+        "quantization": {
+            **settings.as_manifest(),
+            "preparation": prep.notes,
+            "ops": prep.ops,
+            "rewrites": rewrites,
+            "input_stats": input_stats(calib, req.preprocess.layout if req.preprocess else None),
+        },
         "validation": report,
         "runtime_options": {"providers": profile.providers, "provider_options": _provider_options(profile, req)},
         "batching": batching,

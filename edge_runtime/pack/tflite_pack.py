@@ -31,6 +31,7 @@ from edge_runtime.pack import toolenv
 from edge_runtime.pack.datasets import Sample
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, record_gate, refuse_if_failed
 from edge_runtime.pack.formats import model_format, source_sha256
+from edge_runtime.pack.input_stats import input_stats
 from edge_runtime.pack.judge import choose
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.targets import TargetProfile
@@ -272,6 +273,7 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
             "io_quantization": io_quant,
             "calibration": "representative dataset",
             "ops": desc["op_histogram"],
+            "input_stats": input_stats(calib, req.preprocess.layout if req.preprocess else None),
         },
         "validation": report,
         "runtime_options": {

@@ -2,7 +2,7 @@
 
 Metrics per output: cosine similarity (mean and worst sample), max/mean absolute error,
 top-1 agreement for classifier-like outputs ([N, C], C > 1), and task accuracy of both
-models when ground truth is given. Latency at batch 1 and 8 on one thread, for both.
+models when ground truth is given. Latency at batch 1 and 8 on one thread, for both, interleaved.
 """
 
 from __future__ import annotations
@@ -119,25 +119,36 @@ def compare(
     return report
 
 
-def latency_ms(sess: Any, samples: list[Sample], batch: int, runs: int = 20) -> dict[str, float] | None:
-    """p50/mean milliseconds per call at a batch size, or None when the model cannot take it."""
+def latency_pair(
+    reference: Any, candidate: Any, samples: list[Sample], batch: int, runs: int = 20
+) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """p50/mean ms per call of two sessions, interleaved run by run, so that load from elsewhere on
+    the machine (a test suite, a build) falls on both alike and their ratio stays honest."""
     feeds = {}
     for name in samples[0].feeds:
         parts = [samples[i % len(samples)].feeds[name] for i in range(batch)]
         feeds[name] = np.concatenate(parts) if parts[0].ndim else parts[0]
-    try:
-        sess.run(None, feeds)
-    except Exception:
-        return None
-    times = []
-    deadline = time.perf_counter() + 10.0
+    live = []
+    for sess in (reference, candidate):
+        try:
+            sess.run(None, feeds)
+            live.append(sess)
+        except Exception:
+            live.append(None)
+    times: list[list[float]] = [[], []]
+    deadline = time.perf_counter() + 20.0
     for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1000)
+        for k, sess in enumerate(live):
+            if sess is not None:
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                times[k].append((time.perf_counter() - t0) * 1000)
         if time.perf_counter() > deadline:
             break
-    return {"p50": statistics.median(times), "mean": statistics.fmean(times), "runs": len(times)}
+    ref, cand = (
+        {"p50": statistics.median(t), "mean": statistics.fmean(t), "runs": len(t)} if t else None for t in times
+    )
+    return ref, cand
 
 
 def layer_sensitivity(

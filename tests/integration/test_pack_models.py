@@ -248,3 +248,12 @@ def test_without_allow_slower_a_slower_int8_is_refused_and_auto_ships_the_fastes
     assert rows[chosen]["batch1_ms"] <= fastest * 1.1
     b = read_bundle(auto.path, load_public_keys([keys / "signing.pub"]))
     assert "Shipped " + chosen in b.files["report.md"].decode()
+
+
+def test_the_bundle_records_what_the_calibration_data_looked_like(packed: dict[str, Any]) -> None:
+    """Per input and channel: mean, std, range and a histogram, for a device to compare its sensors with."""
+    stats = packed["int8"].manifest.quantization["input_stats"]
+    ((_name, s),) = stats.items()
+    assert s["axis"] == 1 and len(s["channels"]) == 3 and len(s["edges"]) == 17
+    for ch in s["channels"]:
+        assert abs(sum(ch["hist"]) - 1) < 1e-3 and ch["min"] <= ch["mean"] <= ch["max"] and ch["std"] > 0

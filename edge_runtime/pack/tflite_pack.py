@@ -34,6 +34,7 @@ from edge_runtime.pack.formats import model_format, source_sha256
 from edge_runtime.pack.input_stats import input_stats
 from edge_runtime.pack.judge import choose
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
+from edge_runtime.pack.rewrites import rewrite_for_int8
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.tflite_batch import batching_by_resize
 from edge_runtime.pack.tflite_inspect import describe, npu_problems
@@ -130,12 +131,16 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         )
     preprocess: PreprocessSpec | None = req.preprocess
     to_nhwc: set[str] = set()
+    rewrites: dict[str, int] = {}
     if kind == "onnx":
         prep = prepare_onnx(req, tmp)
         source_specs = prep.inputs
         output_names = [o.name for o in prep.outputs]
         to_nhwc = {s.name for s in source_specs if len(s.shape) == 4}
-        tool_source = _tf_safe_names(prep.path, tmp / "for-tf.onnx")
+        rewrites = rewrite_for_int8(prep.path, tmp / "rewritten.onnx", relu6=True)
+        if rewrites:
+            console.log(f"  rewrote {', '.join(f'{n} {op}' for op, n in rewrites.items())} as ReLU6 forms")
+        tool_source = _tf_safe_names(tmp / "rewritten.onnx", tmp / "for-tf.onnx")
     else:
         source = req.model
         if kind == "keras" and source.suffix != ".keras":  # Keras loads archives by their suffix only
@@ -200,6 +205,7 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         "kept_float": [],
         "op_types": [],
     }
+    report["rewrites"] = rewrites
     report["judged_on"] = judge.describe("LiteRT XNNPACK on this host, 1 thread")
     report["validated_with"] = report["judged_on"]["kernels"]
     report["size"] = {
@@ -274,6 +280,7 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
             "calibration": "representative dataset",
             "ops": desc["op_histogram"],
             "input_stats": input_stats(calib, req.preprocess.layout if req.preprocess else None),
+            "rewrites": rewrites,
         },
         "validation": report,
         "runtime_options": {

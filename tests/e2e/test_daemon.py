@@ -6,7 +6,6 @@ import http.client
 import json
 import re
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.contracts.client import Client, ClientError
-from tests.conftest import Daemon, edgert
+from tests.conftest import Daemon, edgert, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -263,7 +262,13 @@ def test_sigterm_drains_in_flight(installed_state: Path) -> None:
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+
+    def queued() -> bool:  # on a loaded machine the client threads start late: wait for the server to hold them
+        with Client(d.url) as c:
+            m = re.search(r'^edgert_queue_depth\{model="orientation"\} (\d+)', c.metrics(), re.M)
+        return m is not None and int(m.group(1)) >= 1
+
+    wait_for(queued, 10, "requests waiting behind the running batch", poll=0.002)
     code = d.stop()
     for t in threads:
         t.join()

@@ -21,7 +21,15 @@ from edge_runtime.pack.input_stats import input_stats
 from edge_runtime.pack.judge import choose
 from edge_runtime.pack.op_costs import float_ops, op_times, responsible
 from edge_runtime.pack.prepare import compact
-from edge_runtime.pack.quantize import COMPUTE_OPS, QuantSettings, choose_mode, convert_fp16, quantize_int8
+from edge_runtime.pack.quantize import (
+    COMPUTE_OPS,
+    CONV_OPS,
+    MATMUL_OPS,
+    QuantSettings,
+    choose_mode,
+    convert_fp16,
+    quantize_int8,
+)
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.rewrites import rewrite_for_int8
 from edge_runtime.pack.targets import TargetProfile
@@ -46,6 +54,12 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
     if blocked:
         raise PackError(f"target {profile.name} cannot run ops {blocked} ({profile.unsupported_source})")
 
+    if req.precision == "int8" and not (CONV_OPS | MATMUL_OPS) & prep.ops.keys():
+        raise PackError(
+            f"nothing in this model quantizes to INT8: it has no {', '.join(sorted(CONV_OPS | MATMUL_OPS))} "
+            f"(its ops: {', '.join(list(prep.ops)[:12])}); an INT8 bundle would only add Quantize/Dequantize "
+            "pairs. Pack it with --precision fp32 (or fp16 for jetson-gpu)"
+        )
     calib, evals = load_held_out(req, prep.inputs, console)
     output_names = [o.name for o in prep.outputs]
     input_names = [i.name for i in prep.inputs]

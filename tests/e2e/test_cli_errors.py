@@ -201,3 +201,21 @@ def test_data_that_cannot_judge_or_calibrate_is_refused_before_any_quantizing(
         cv2.imwrite(str(black / f"{i}.png"), np.zeros((240, 320, 3), np.uint8))
     _one_clean_line(edgert(*_pack(model, keys, black, ev, *size)), 1, "(6 samples: all-black or blank images?)")
     assert time.monotonic() - t0 < 60  # refused from the data, before calibrating anything
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_before_calibrating(
+    keys: Path, orientation_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from onnx import TensorProto, helper, save
+
+    t = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "r"], ["y"])], "g",
+        [t("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [t("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(tmp_path / "plain.onnx"))
+    calib, ev = orientation_data
+    _one_clean_line(edgert(*_pack(tmp_path / "plain.onnx", keys, calib, ev, "--size", "8x8")), 1,
+                    "nothing in this model quantizes to INT8", "--precision fp32")  # fmt: skip

@@ -268,8 +268,10 @@ def test_sigterm_drains_in_flight(installed_state: Path) -> None:
             m = re.search(r'^edgert_queue_depth\{model="orientation"\} (\d+)', c.metrics(), re.M)
         return m is not None and int(m.group(1)) >= 1
 
-    wait_for(queued, 10, "requests waiting behind the running batch", poll=0.002)
-    code = d.stop()
+    try:
+        wait_for(queued, 10, "requests waiting behind the running batch", poll=0.002)
+    finally:
+        code = d.stop()  # never left running, whatever happened
     for t in threads:
         t.join()
     assert code == 0 and "stopped cleanly" in d.output()

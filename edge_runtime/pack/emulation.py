@@ -18,6 +18,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,20 +116,16 @@ def _exit(code: int) -> str:
     return f"exit {code}"
 
 
-class _proc_mounted:
+@contextmanager
+def _proc_mounted(root: Path | None) -> Iterator[None]:
     """/proc inside the root for the run (runtimes read /proc/self); never the host's /sys (see
     packaging/build-arm64.sh: ONNX Runtime then parses the x86 topology and crashes)."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root, self.mounted = root, False
-
-    def __enter__(self) -> None:
-        if self.root is None or os.path.ismount(self.root / "proc"):
-            return
-        (self.root / "proc").mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "proc", "proc", str(self.root / "proc")], check=True, capture_output=True)
-        self.mounted = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.mounted and self.root is not None:
-            subprocess.run(["umount", str(self.root / "proc")], capture_output=True)
+    if root is None or os.path.ismount(root / "proc"):
+        yield
+        return
+    (root / "proc").mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(root / "proc")], capture_output=True)

@@ -28,7 +28,8 @@ def _attr(node: Any, name: str, default: float) -> float:
 
 
 def rewrite_for_int8(src: Path, dst: Path, relu6: bool = False) -> dict[str, int]:
-    """Write the rewritten model to ``dst``; returns {op type: nodes rewritten} (empty: ``dst`` is a copy)."""
+    """Write the rewritten model to ``dst``; returns {op type: nodes rewritten}. Empty: nothing to
+    rewrite, and nothing is written (use ``src``)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -69,7 +70,8 @@ def rewrite_for_int8(src: Path, dst: Path, relu6: bool = False) -> dict[str, int
         if n.op_type == "HardSwish":
             nodes.append(helper.make_node("Mul", [n.input[0], hs], [n.output[0]], name=f"{base}_swish"))
         done[n.op_type] = done.get(n.op_type, 0) + 1
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.save(model, str(dst))
+    if done:
+        del g.node[:]
+        g.node.extend(nodes)
+        onnx.save(model, str(dst))
     return done

@@ -140,7 +140,7 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         rewrites = rewrite_for_int8(prep.path, tmp / "rewritten.onnx", relu6=True)
         if rewrites:
             console.log(f"  rewrote {', '.join(f'{n} {op}' for op, n in rewrites.items())} as ReLU6 forms")
-        tool_source = _tf_safe_names(tmp / "rewritten.onnx", tmp / "for-tf.onnx")
+        tool_source = _tf_safe_names(tmp / "rewritten.onnx" if rewrites else prep.path, tmp / "for-tf.onnx")
     else:
         source = req.model
         if kind == "keras" and source.suffix != ".keras":  # Keras loads archives by their suffix only

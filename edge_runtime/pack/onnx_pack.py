@@ -161,12 +161,13 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
     for b in (1, 8):
         pair = latency_pair(ref_s, cand_s, evals, b)
         report["latency_ms"]["reference"][f"batch{b}"], report["latency_ms"]["candidate"][f"batch{b}"] = pair
-    costs = {"reference": op_times(prep.path, evals[0]), "candidate": op_times(candidate, evals[0])}
-    report["op_costs_ms"] = costs
     report["rewrites"] = rewrites
-    if req.precision == "int8":
-        report["float_ops"] = float_ops(costs["candidate"])
-    _latency_gate(req, profile, report, costs)
+    if req.precision != "fp32":  # an fp32 candidate is the reference: nothing to explain or gate
+        costs = {"reference": op_times(prep.path, evals[0]), "candidate": op_times(candidate, evals[0])}
+        report["op_costs_ms"] = costs
+        if req.precision == "int8":
+            report["float_ops"] = float_ops(costs["candidate"])
+        _latency_gate(req, profile, report, costs)
     batching = batching_of(prep.inputs, prep.outputs, req.stateful)
     if profile.batch_profile and batching["batchable"]:
         batching["profile"] = profile.batch_profile
@@ -220,7 +221,7 @@ def _latency_gate(
     slower = {b: r for b, r in ratios.items() if r > 1 + LATENCY_MARGIN and extra[b] > LATENCY_FLOOR_MS}
     timed_here = profile.judge_arch is None
     why = responsible(costs["reference"], costs["candidate"]) if slower else []
-    applies = timed_here and req.precision != "fp32"
+    applies = timed_here
     report["latency_gate"] = {"ratios": ratios, "extra_ms": extra, "margin": LATENCY_MARGIN,
                               "floor_ms": LATENCY_FLOOR_MS, "applies": applies, "allow_slower": req.allow_slower,
                               "slower": bool(slower), "responsible": why}  # fmt: skip

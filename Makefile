@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint bench binary system-deps clean
 
-# Debian packages the tests use: systemd-analyze (unit checks) and mosquitto (a real MQTT broker
-# in every MQTT test). Installed when missing and running as root.
+# Debian packages the tests use: systemd-analyze (unit checks), mosquitto (a real MQTT broker
+# in every MQTT test), chromium and its driver (the web pages' browser tests). Installed when
+# missing and running as root.
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,8 @@ system-deps:
 	@missing=""; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	test -x /usr/bin/chromedriver || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them, or run as root)"; exit 1; fi; \

@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, grp TEXT NOT NULL, enrolled REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
     rollout INTEGER NOT NULL, ts REAL NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    rollout INTEGER NOT NULL, ts REAL NOT NULL, version TEXT NOT NULL, devices INTEGER NOT NULL,
+    rows INTEGER NOT NULL DEFAULT 0, error_rate REAL, p95_ms REAL);
+CREATE INDEX IF NOT EXISTS samples_by_rollout ON samples (rollout, ts);
 """
 
 ACTIVE = ("running", "observing", "aborting")
@@ -269,6 +273,39 @@ class ControllerDB:
     def decide(self, rid: int, message: str) -> None:
         with self.tx() as db:
             db.execute("INSERT INTO decisions VALUES (?, ?, ?)", (rid, time.time(), message))
+
+    # --- samples: what the console saw over a rollout, per version (its plots) -------------
+
+    def add_samples(self, rid: int, ts: float, rows: list[tuple[str, int, int, float | None, float | None]]) -> None:
+        """(version, devices serving it, rows in the interval, error rate, p95 ms) at time ts."""
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO samples (rollout, ts, version, devices, rows, error_rate, p95_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(rid, ts, *row) for row in rows],
+            )
+
+    def samples(self, rid: int, limit: int = 2000) -> list[dict[str, Any]]:
+        """The latest ``limit`` samples of a rollout, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ts, version, devices, rows, error_rate, p95_ms FROM samples WHERE rollout=?"
+                " ORDER BY ts DESC LIMIT ?",
+                (rid, limit),
+            ).fetchall()
+        keys = ("ts", "version", "devices", "rows", "error_rate", "p95_ms")
+        return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
+
+    def device_parts(self, device: str) -> list[dict[str, Any]]:
+        """A device's part in every rollout that moved it, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rollout, stage, status, from_version, moved, judged, reason FROM rollout_devices"
+                " WHERE device=? ORDER BY moved DESC LIMIT 50",
+                (device,),
+            ).fetchall()
+        keys = ("rollout", "stage", "status", "from_version", "moved", "judged", "reason")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def decisions(self, rid: int) -> list[dict[str, Any]]:
         with self._lock:

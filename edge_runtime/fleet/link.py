@@ -100,6 +100,9 @@ class FleetLink:
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self.synced = threading.Event()
+        # Bumped on every device message taken; a live view waits on it instead of polling.
+        self.generation = 0
+        self._changed = threading.Condition()
         u = urlparse(auth.url)
         self._host, self._port = u.hostname or "", u.port or (8883 if u.scheme == "mqtts" else 1883)
         client_id = f"edgert-{name}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
@@ -197,6 +200,16 @@ class FleetLink:
                 view.edgert = data.edgert
             else:
                 view.state = data
+        with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    def wait_change(self, seen: int, timeout: float) -> int:
+        """Block until a device message newer than generation ``seen`` was taken (or the timeout);
+        returns the current generation."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.generation != seen, timeout)
+            return self.generation
 
     def _registered_group(self, device: str, claimed: str) -> str:
         """The group on the fleet's own record. A device is enrolled in the group it first claims;

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,10 +25,10 @@ from rich.table import Table
 
 from edge_runtime.cli.flags import alias
 from edge_runtime.contracts.bundle import load_private_key
-from edge_runtime.contracts.fleet import dump
 from edge_runtime.fleet.controller import Controller, FleetError, RolloutParams
 from edge_runtime.fleet.db import ControllerDB, Rollout
-from edge_runtime.fleet.link import BrokerAuth, DeviceView, FleetLink
+from edge_runtime.fleet.link import BrokerAuth, FleetLink
+from edge_runtime.fleet.views import device_json, rollout_json
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True, log_path=False)
@@ -66,36 +67,6 @@ def _run(args: argparse.Namespace, need_key: bool, fn: Any) -> int:
 
 
 # --- devices -------------------------------------------------------------------------
-
-
-def device_json(v: DeviceView) -> dict[str, Any]:
-    st = v.state
-    models = {}
-    for name, m in (st.models if st is not None else {}).items():
-        rows = m.live.rows if m.live is not None else 0
-        models[name] = {
-            "serving": m.served,
-            "active": m.version,
-            "standby": m.standby,
-            "pending": dump(m.pending) if m.pending else None,
-            "outcome": dump(m.outcome) if m.outcome else None,
-            "experiment": m.experiment.kind.value if m.experiment else None,
-            "rows": rows,
-            "error_rate": (m.live.errors + m.live.nonfinite) / rows if m.live is not None and rows else None,
-            "p95_ms": m.live.p95_ms if m.live is not None else None,
-        }
-    return {
-        "id": v.id,
-        "group": v.group,
-        "online": v.online,
-        "last_seen": v.last_seen,
-        "edgert": v.edgert,
-        "target": st.target if st else None,
-        "models": models,
-        "outbox": dump(st.outbox) if st else None,
-        "control_refused": st.control_refused if st else {},
-        "last_rollback": dump(st.last_rollback) if st and st.last_rollback else None,
-    }
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -177,44 +148,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 # --- rollouts ------------------------------------------------------------------------
-
-
-def rollout_json(ctl: Controller, r: Rollout) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    for d in r.devices.values():
-        counts[d["status"]] = counts.get(d["status"], 0) + 1
-    group = ctl.link.group(r.group)
-    serving: dict[str, int] = {}
-    for v in group:
-        key = v.serving(r.name) or "none"
-        serving[key] = serving.get(key, 0) + 1
-    return {
-        "rollout": {
-            "id": r.id,
-            "name": r.name,
-            "version": r.version,
-            "from_version": r.from_version,
-            "group": r.group,
-            "strategy": r.strategy,
-            "status": r.status,
-            "phase": r.phase,
-            "reason": r.reason,
-            "created": r.created,
-            "updated": r.updated,
-            "finished": r.finished,
-            "params": r.params,
-        },
-        "counts": counts,
-        "group": {
-            "devices": len(group),
-            "online": sum(v.online for v in group),
-            "serving": serving,
-            "offline_behind": sorted(v.id for v in group if not v.online and v.serving(r.name) != r.version),
-        },
-        "devices": r.devices,
-        "experiment": ctl.experiment_figures(r) if r.strategy in ("shadow", "ab") else None,
-        "decisions": ctl.db.decisions(r.id),
-    }
 
 
 def print_rollout(ctl: Controller, r: Rollout) -> None:
@@ -426,6 +359,67 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return _run(args, True, run)
 
 
+# --- console -------------------------------------------------------------------------
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """The web console: the fleet, rollouts and experiments, live; actions behind a token."""
+    import secrets
+
+    from edge_runtime.fleet.console.auth import Gate
+    from edge_runtime.fleet.console.server import ConsoleApp, ConsoleServer, is_loopback
+
+    loopback = is_loopback(args.host)
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            err.print(f"edgert fleet console: cannot read --token-file: {e}", style="red", markup=False)
+            return 2
+    elif not loopback:
+        err.print(
+            f"edgert fleet console: listening on {args.host} shows the fleet to the network: --token-file FILE "
+            "(a token or password, 16 characters or more) is required there; reading and acting will need it",
+            style="red",
+            markup=False,
+        )
+        return 2
+    else:
+        token = secrets.token_urlsafe(24)
+
+    def run(ctl: Controller, link: FleetLink, db: ControllerDB) -> int:
+        app = ConsoleApp(ctl, Gate(token, loopback), link.auth.url, db.path, args.sample_period)
+        try:
+            server = ConsoleServer((args.host, args.port), app)
+        except OSError as e:
+            raise FleetError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+        bound, port = server.server_address[:2]
+        host = bound.decode() if isinstance(bound, bytes) else str(bound)
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+        app.start()
+        out.print(f"edgert fleet console on {url}", markup=False)
+        if args.token_file:
+            who = "reading needs no login on loopback; " if loopback else "reading and "
+            out.print(f"{who}acting needs the token in {args.token_file}", markup=False)
+        else:
+            out.print(f"log in to act (the token is made for this run): {url}login?token={token}", markup=False)
+        if link.key is None:
+            out.print("no --signing-key: the console shows the fleet but cannot change it", markup=False)
+        sys.stdout.flush()
+        previous = signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=server.shutdown).start())
+        try:
+            server.serve_forever(poll_interval=0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            app.stop()
+            server.server_close()
+        return 0
+
+    return _run(args, False, run)
+
+
 # --- simulate ------------------------------------------------------------------------
 
 
@@ -555,6 +549,15 @@ def add_parser(sub: Any) -> None:
             p.add_argument("--log", type=int, default=15, help="decisions shown (15)")
         if cmd == "abort":
             p.add_argument("--reason", default="aborted by the operator")
+
+    co = fs.add_parser("console", parents=[common], help="a live web page of the fleet, its rollouts and experiments")
+    co.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1; elsewhere needs --token-file)"
+    )
+    co.add_argument("--port", type=int, default=8090, help="port (8090; 0 picks a free one)")
+    co.add_argument("--token-file", help="token or password that logs an operator in (else one is made and printed)")
+    co.add_argument("--sample-period", type=float, default=2.0, help="seconds between the plots' samples (2)")
+    co.set_defaults(func=cmd_console)
 
     sm = fs.add_parser("simulate", parents=[broker_only], help="run N simulated devices (real agents) against a broker")
     sm.add_argument("--devices", type=int, required=True)

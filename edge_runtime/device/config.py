@@ -70,7 +70,9 @@ class SourceConfig(_Strict):
     name: str = Field(description="source name, used in results and metrics")
     model: str = Field(description="name of the installed model that runs the frames")
     kind: Literal["camera", "video", "url", "images"] = Field(description="OpenCV camera, file, stream, folder")
-    uri: str = Field(description="camera index, video path, rtsp:// or http:// URL, or image folder")
+    uri: str = Field(
+        description="camera index or device path (/dev/video0), video path, rtsp:// or http:// URL, or image folder"
+    )
     fps: float = Field(10.0, ge=0, description="frames read per second (0 = as fast as the source gives)")
     loop: bool = Field(True, description="restart a video file or image folder at its end")
     queue: int = Field(2, ge=1, description="frames waiting for inference; beyond it the oldest is dropped")
@@ -153,6 +155,11 @@ class ServeConfig(_Strict):
         description="this device's target (default from the CPU architecture); bundles must match it",
     )
     mqtt: MqttConfig | None = Field(None, description="join a fleet over MQTT (absent: fully offline)")
+    status_page: bool = Field(
+        False,
+        description="serve a live status page at /status (models, batching, sources with their last frames and"
+        " predictions, outbox); off by default: it shows camera frames to whoever reaches the port",
+    )
 
 
 # The flags of `edgert serve`, each naming the config field it overrides. Help text and type come

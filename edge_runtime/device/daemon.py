@@ -22,6 +22,7 @@ from edge_runtime.device.config import ServeConfig
 from edge_runtime.device.http_server import HttpServer, ServerState
 from edge_runtime.device.sd_notify import Notifier, Watchdog, loop_progressing, watchdog_interval
 from edge_runtime.device.sources import FrameSource
+from edge_runtime.device.status_page import StatusPage
 from edge_runtime.serving.cache import PredictionCache
 from edge_runtime.serving.results import ResultHub
 from edge_runtime.serving.runtime import Runtime
@@ -56,6 +57,10 @@ class Daemon:
             source_names={s.name for s in config.sources},
         )  # fmt: skip
         self.state.source_errors = lambda: {s.cfg.name: s.last_error for s in self.sources}
+        if config.status_page:
+            self.state.status = StatusPage(
+                self.runtime, self.hub, lambda: self.sources, lambda: self.agent, self.state.ready.is_set
+            )
         self.http = HttpServer(self.state, config.host, config.port, config.uds)
         self.grpc: Any = None
         self._threads: list[threading.Thread] = []

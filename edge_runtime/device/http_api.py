@@ -21,12 +21,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import numpy as np
 
 from edge_runtime import __version__
 from edge_runtime.contracts.oip import NUMPY_TO_OIP, ProtocolError, decode_request, encode_response
 from edge_runtime.device.http_protocol import HttpConnection, Request, Slot, error_body, response
+from edge_runtime.device.status_page import HEADERS as STATUS_HEADERS
+from edge_runtime.device.status_page import HTML as STATUS_HTML
+from edge_runtime.device.status_page import JS as STATUS_JS
 from edge_runtime.serving.batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
 from edge_runtime.serving.frames import raw_frame_input
 from edge_runtime.serving.runtime import ModelNotFoundError, Runtime
@@ -259,6 +263,10 @@ class Api:
             self._answer(conn, slot, req, 200, rt.metrics.registry.render().encode(), TEXT)
         elif path == "/v2/stream":
             self._stream(conn, slot, req)
+        elif path == "/status" or path.startswith("/status."):
+            self._status(conn, slot, req, path)
+        elif path.startswith("/status/frames/"):
+            self._status_frame(conn, slot, req, path)
         elif path.startswith("/v2/models/"):
             name, version, rest = _parse_model_path(path)
             try:
@@ -273,6 +281,28 @@ class Api:
                 self._error(conn, slot, req, 404, str(e))
         else:
             self._error(conn, slot, req, 404, f"no such endpoint: {req.path}")
+
+    def _status(self, conn: HttpConnection, slot: Slot, req: Request, path: str) -> None:
+        page = self.state.status
+        if page is None:
+            return self._error(conn, slot, req, 404, "the status page is off (status_page: true in the configuration)")
+        if path == "/status":
+            self._answer(conn, slot, req, 200, STATUS_HTML, b"text/html; charset=utf-8", STATUS_HEADERS)
+        elif path == "/status.js":
+            self._answer(conn, slot, req, 200, STATUS_JS, b"text/javascript; charset=utf-8", STATUS_HEADERS)
+        elif path == "/status.json":
+            body = json.dumps(page.snapshot(), default=str).encode()
+            self._answer(conn, slot, req, 200, body, b"application/json", STATUS_HEADERS)
+        else:
+            self._error(conn, slot, req, 404, f"no such endpoint: {req.path}")
+
+    def _status_frame(self, conn: HttpConnection, slot: Slot, req: Request, path: str) -> None:
+        page = self.state.status
+        name = unquote(path[len("/status/frames/") :].removesuffix(".jpg"))
+        jpeg = page.frame_jpeg(name) if page is not None else None
+        if jpeg is None:
+            return self._error(conn, slot, req, 404, f"no frame from source {name!r} (yet), or the status page is off")
+        self._answer(conn, slot, req, 200, jpeg, b"image/jpeg", STATUS_HEADERS)
 
     def _post(self, conn: HttpConnection, slot: Slot, req: Request) -> None:
         path = req.path.rstrip("/")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from edge_runtime.device.http_api import Api
 from edge_runtime.device.http_protocol import HttpConnection
+from edge_runtime.device.status_page import StatusPage
 from edge_runtime.serving.results import ResultHub
 from edge_runtime.serving.runtime import Runtime
 
@@ -81,6 +82,7 @@ class ServerState:
         # Why each frame source gives no frames right now (name -> reason; "" while it does): set by
         # the daemon, read by /v2/stream so a client learns why nothing comes.
         self.source_errors: Callable[[], dict[str, str]] = dict
+        self.status: StatusPage | None = None  # the device status page, when configured on
         self.ready = threading.Event()
         self.stopping = threading.Event()
         registry = runtime.metrics.registry

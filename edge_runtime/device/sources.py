@@ -37,7 +37,8 @@ def open_frames(cfg: SourceConfig) -> Iterator[tuple[str, np.ndarray]]:
                 return
     import cv2
 
-    target: Any = int(cfg.uri) if cfg.kind == "camera" else cfg.uri
+    # A camera is an index (0) or a device path (/dev/video0); OpenCV takes either.
+    target: Any = int(cfg.uri) if cfg.kind == "camera" and cfg.uri.isdigit() else cfg.uri
     while True:
         cap = cv2.VideoCapture(target)
         if not cap.isOpened():
@@ -67,6 +68,11 @@ class FrameSource:
     def __init__(self, cfg: SourceConfig, runtime: Runtime, hub: ResultHub) -> None:
         self.cfg, self.runtime, self.hub = cfg, runtime, hub
         self.last_error = ""  # why the source gives no frames right now ("" while it does)
+        # For the status page: the last frame read (id, frame as read, wall time), capture times for
+        # the measured rate, and the last result. References only: nothing is copied per frame.
+        self.last_frame: tuple[str, np.ndarray, float] | None = None
+        self.last_result: dict[str, Any] | None = None
+        self._captured_at: deque[float] = deque(maxlen=64)
         handle = runtime.get(cfg.model)
         if handle.manifest.preprocess is None:
             raise ValueError(f"source {cfg.name!r}: model {cfg.model!r} has no image preprocessing in its manifest")
@@ -116,6 +122,9 @@ class FrameSource:
                     return True
                 self.last_error = ""
                 self.captured.inc(source=self.cfg.name)
+                now = time.time()
+                self.last_frame = (frame_id, frame, now)
+                self._captured_at.append(time.monotonic())
                 with self._cond:
                     while len(self._pending) >= self.cfg.queue:
                         self._pending.popleft()
@@ -158,17 +167,24 @@ class FrameSource:
                 log.warning("source %s frame %s failed: %s", self.cfg.name, frame_id, e)
                 continue
             self.inferred.inc(source=self.cfg.name)
-            self.hub.publish(
-                {
-                    "source": self.cfg.name,
-                    "model": self.cfg.model,
-                    "version": handle.current.version,
-                    "frame": frame_id,
-                    "captured_at": ts,
-                    "latency_ms": round(ms, 3),
-                    "outputs": summarize(out, handle.manifest.labels),
-                }
-            )
+            self.last_result = result = {
+                "source": self.cfg.name,
+                "model": self.cfg.model,
+                "version": handle.current.version,
+                "frame": frame_id,
+                "captured_at": ts,
+                "latency_ms": round(ms, 3),
+                "outputs": summarize(out, handle.manifest.labels),
+            }
+            self.hub.publish(result)
+
+    def fps(self, window_s: float = 3.0) -> float:
+        """Frames read per second over the last few seconds (0 when none came lately)."""
+        now = time.monotonic()
+        times = [t for t in list(self._captured_at) if now - t <= window_s]
+        if len(times) < 2:
+            return 0.0
+        return (len(times) - 1) / max(times[-1] - times[0], 1e-6)
 
 
 def _metric(registry: Any, kind: str, name: str, help_: str) -> Any:

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench binary system-deps clean
+.PHONY: demo test test-fast lint bench bench-ptq binary system-deps clean
 
 # Debian packages the tests use: systemd-analyze (unit checks), mosquitto (a real MQTT broker
 # in every MQTT test), chromium and its driver (the web pages' browser tests). Installed when
@@ -48,8 +48,19 @@ bench: $(STAMP)
 	$(PY) bench/bench_pack.py
 	$(PY) bench/bench_serve.py
 
+# The packer against ORT's defaults and NNCF: the competing tools live in their own environment,
+# never in the project's dependencies.
+.venv-bench/.installed: pyproject.toml
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet --upgrade pip
+	.venv-bench/bin/python -m pip install --quiet -e '.[pack]' nncf matplotlib
+	touch .venv-bench/.installed
+
+bench-ptq: .venv-bench/.installed
+	.venv-bench/bin/python bench/bench_ptq.py
+
 binary:
 	bash packaging/build-binary.sh
 
 clean:
-	rm -rf $(VENV) .venv-build build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-build .venv-bench build dist .pytest_cache .mypy_cache .ruff_cache

@@ -51,7 +51,9 @@ def test_a_window_interrupted_by_shutdown_resumes_on_the_desired_version(
                 c.infer("cls", {"x": inputs(1)})
         wait_for(lambda: w.state.get("models", {}).get("cls", {}).get("serving") == "1.1.0", 30,
                  "the device back on its desired version after the restart")  # fmt: skip
-        assert w.event("update-started") and not w.event("update-refused")
+        # Events go through the outbox, state directly: the event may land a moment after the state.
+        wait_for(lambda: w.event("update-started"), 20, "the resumed update's update-started event")
+        assert not w.event("update-refused")
         status = json.loads(edgert("status", "--state-dir", str(state), "--json", check=True).stdout)
         assert status["models"]["cls"]["version"] == "1.1.0"
         assert (status["device"], status["group"]) == ("sv2", "grp-sv2")  # not "" for a --device-id daemon

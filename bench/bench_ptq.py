@@ -151,7 +151,9 @@ def main() -> None:
     try:
         import nncf
     except ImportError:
-        raise SystemExit("NNCF is not installed here: run this from the bench environment (see the docstring)") from None
+        raise SystemExit(
+            "NNCF is not installed here: run this from the bench environment (see the docstring)"
+        ) from None
     import onnxruntime
 
     rows: list[dict[str, Any]] = []
@@ -182,7 +184,7 @@ def print_table(rows: list[dict[str, Any]], versions: dict[str, str]) -> None:
             print(f"{r['model']:18} {r['tool']:24} {r['note']}")
             continue
         acc = f"{_f(r['acc'])} ({_f(r['acc_fp32'])})" if r["acc"] is not None else "-"
-        print(f"{r['model']:18} {r['tool']:24} {_f(r['cosine'], 4):>7} {_f(r['top1_agreement']):>9} {acc:>16} "
+        print(f"{r['model']:18} {r['tool']:24} {_f(r['cosine'], 5):>7} {_f(r['top1_agreement']):>9} {acc:>16} "
               f"{_f(r['mask_iou']):>8} {_f(r['mb'], 2) + ' (' + _f(r['fp32_mb'], 1) + ')':>12} "
               f"{_f(r['b1_ms'], 2) + ' (' + _f(r['fp32_b1_ms'], 2) + ')':>14} "
               f"{_f(r['b8_ms'], 1) + ' (' + _f(r['fp32_b8_ms'], 1) + ')':>15}  {r['note']}")  # fmt: skip

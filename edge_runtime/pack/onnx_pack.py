@@ -11,7 +11,7 @@ import io
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
@@ -26,6 +26,7 @@ from edge_runtime.pack.quantize import (
     CONV_OPS,
     MATMUL_OPS,
     QuantSettings,
+    calibration_cosine,
     choose_mode,
     convert_fp16,
     quantize_int8,
@@ -84,17 +85,10 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
                 if progress is not None:
                     task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib))
                     on_sample = lambda: progress.advance(task)  # noqa: E731
-                settings = quantize_int8(
-                    source,
-                    candidate,
-                    calib,
-                    profile,
-                    mode,
-                    req.calibration,
-                    exclude,
-                    on_sample,
-                    op_types,
-                )
+                settings = _quantize_best(
+                    req, profile, mode, [source, prep.path] if rewrites else [source], prep.path, candidate,
+                    calib, exclude, on_sample, op_types,
+                )  # fmt: skip
         elif req.precision == "fp16":
             settings = convert_fp16(prep.path, candidate)
         else:
@@ -161,6 +155,8 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
     for b in (1, 8):
         pair = latency_pair(ref_s, cand_s, evals, b)
         report["latency_ms"]["reference"][f"batch{b}"], report["latency_ms"]["candidate"][f"batch{b}"] = pair
+    if settings.rewritten is False:  # calibrated both ways; the original graph came out closer to fp32
+        rewrites = {}
     report["rewrites"] = rewrites
     if req.precision != "fp32":  # an fp32 candidate is the reference: nothing to explain or gate
         costs = {"reference": op_times(prep.path, evals[0]), "candidate": op_times(candidate, evals[0])}
@@ -204,6 +200,64 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
         files["warmup.npz"] = warmup.getvalue()
         batching["warmup"] = "warmup.npz"
     return finish(req, fields, files, report, cwd, console)
+
+
+def _host_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: do not risk weights that saturate on a CPU without VNNI
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _quantize_best(
+    req: PackRequest,
+    profile: TargetProfile,
+    mode: Literal["static", "dynamic"],
+    graphs: list[Path],
+    fp32: Path,
+    candidate: Path,
+    calib: list[Any],
+    exclude: list[str],
+    on_sample: Any,
+    op_types: list[str] | None,
+) -> QuantSettings:
+    """With ``--calibration auto``, more than one way to quantize is tried and the one closest to
+    fp32 on the calibration samples (never the held-out ones) is kept:
+
+    - the rewritten graph and the original one: the hard-sigmoid rewrite makes it quantizable
+      (faster on some models, needed by NPUs) but adds Q/DQ steps, which cost DBNet accuracy;
+    - 7-bit weights (``reduce_range``, the x86-cpu default: AVX2 without VNNI saturates 8-bit
+      U8S8 products; PP-OCR cls fell to cosine 0.87 without it) and 8-bit ones, but only where
+      this host lacks VNNI, so its own kernels show any saturation a device would have;
+    - per graph, both activation estimators (``quantize_int8``'s auto).
+
+    Ties keep the earlier variant (rewritten graph, the profile's own settings)."""
+    if req.calibration != "auto" or mode != "static":
+        return quantize_int8(graphs[0], candidate, calib, profile, mode, req.calibration, exclude, on_sample, op_types)
+    profiles = [profile]
+    if profile.reduce_range and not _host_has_vnni():
+        profiles.append(profile.model_copy(update={"reduce_range": False}))
+    best: tuple[float, Path, QuantSettings] | None = None
+    tried: dict[str, float] = {}
+    for g, graph in enumerate(graphs):
+        for prof in profiles:
+            out = candidate.with_suffix(f".g{g}r{int(prof.reduce_range)}.onnx")
+            got = quantize_int8(graph, out, calib, prof, mode, "auto", exclude, on_sample, op_types)
+            score = calibration_cosine(fp32, out, calib)
+            got.rewritten = g == 0 if len(graphs) > 1 else None
+            graph_label = "rewritten" if g == 0 and len(graphs) > 1 else "original"
+            bits = "7-bit weights" if prof.reduce_range else "8-bit weights"
+            for method, value in (got.calibration_scores or {}).items():
+                tried[f"{graph_label} graph, {method}, {bits}"] = value
+            if best is None or score > best[0] + 1e-4:
+                best = (score, out, got)
+    assert best is not None
+    best[1].replace(candidate)
+    for leftover in candidate.parent.glob(candidate.stem + ".g*.onnx"):
+        leftover.unlink(missing_ok=True)
+    best[2].calibration_scores = tried
+    return best[2]
 
 
 def _latency_gate(

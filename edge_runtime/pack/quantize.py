@@ -15,7 +15,11 @@ from typing import Any, Literal
 from edge_runtime.pack.datasets import Sample, SampleReader
 from edge_runtime.pack.targets import TargetProfile
 
-CalibMethod = Literal["minmax", "entropy", "percentile"]
+CalibMethod = Literal["auto", "mean-minmax", "minmax", "entropy", "percentile"]
+# "auto" calibrates both ways and keeps the one closer to fp32 on the calibration samples: neither
+# estimator wins everywhere (mean-minmax: DBNet cosine 0.84 -> 0.96; PP-OCR cls after the
+# hard-sigmoid rewrite 0.98 -> 0.97).
+AUTO_METHODS: tuple[CalibMethod, ...] = ("mean-minmax", "minmax")
 CONV_OPS = {"Conv", "ConvTranspose"}
 # Recovery step: quantize only where INT8 pays (weights and MACs) and keep the elementwise,
 # pooling, Resize and Concat glue in float. On DBNet this took cosine 0.84 -> 0.93.
@@ -33,6 +37,8 @@ class QuantSettings:
     activation_symmetric: bool = False
     weight_symmetric: bool = False
     calibration_samples: int = 0
+    calibration_scores: dict[str, float] | None = None  # auto: mean cosine vs fp32 on calibration data
+    rewritten: bool | None = None  # the hard-sigmoid rewrite kept (None: nothing to rewrite)
     reduce_range: bool = False
     op_types: list[str] | None = None
     excluded_nodes: list[str] = field(default_factory=list)
@@ -63,18 +69,12 @@ def quantize_int8(
     calib: list[Sample],
     profile: TargetProfile,
     mode: Literal["static", "dynamic"],
-    method: CalibMethod = "minmax",
+    method: CalibMethod = "auto",
     exclude: list[str] | None = None,
     on_sample: Callable[[], None] | None = None,
     op_types: list[str] | None = None,
 ) -> QuantSettings:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import quantize_dynamic
 
     exclude = list(exclude or [])
     settings = QuantSettings(
@@ -100,10 +100,60 @@ def quantize_int8(
         )
         return settings
 
+    if method == "auto":
+        scores: dict[str, float] = {}
+        for m in AUTO_METHODS:
+            _static(src, dst.with_suffix(f".{m}.onnx"), calib, profile, m, exclude, on_sample, op_types)
+            scores[m] = calibration_cosine(src, dst.with_suffix(f".{m}.onnx"), calib)
+        best = max(AUTO_METHODS, key=lambda m: scores[m])  # a tie keeps the first (mean-minmax)
+        dst.with_suffix(f".{best}.onnx").replace(dst)
+        for m in AUTO_METHODS:
+            dst.with_suffix(f".{m}.onnx").unlink(missing_ok=True)
+        settings.calibration = f"auto: {best}"
+        settings.calibration_scores = {m: round(v, 6) for m, v in scores.items()}
+    else:
+        _static(src, dst, calib, profile, method, exclude, on_sample, op_types)
+        settings.calibration = method
+    settings.calibration_samples = len(calib)
+    return settings
+
+
+def calibration_cosine(fp32: Path, quantized: Path, calib: list[Sample], limit: int = 16) -> float:
+    """Mean cosine between fp32 and a quantized model over (up to ``limit``) calibration samples,
+    every output alike: how a calibration choice is judged without touching the held-out set."""
+    from edge_runtime.pack.validate import cosine, session
+
+    samples = calib[:limit]
+    ref, cand = session(fp32), session(quantized)
+    values = [
+        cosine(a, b)
+        for s in samples
+        for a, b in zip(ref.run(None, s.feeds), cand.run(None, s.feeds), strict=True)
+        if a.dtype.kind == "f"
+    ]
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def _static(
+    src: Path,
+    dst: Path,
+    calib: list[Sample],
+    profile: TargetProfile,
+    method: CalibMethod,
+    exclude: list[str],
+    on_sample: Callable[[], None] | None,
+    op_types: list[str] | None,
+) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+
     class Reader(SampleReader, CalibrationDataReader):
         pass
 
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    if method == "mean-minmax":
+        overrides = {t: [{"rmin": lo, "rmax": hi}] for t, (lo, hi) in mean_ranges(src, calib).items()}
     methods = {
+        "mean-minmax": CalibrationMethod.MinMax,  # ORT's pass still runs; the overrides win
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
@@ -125,11 +175,44 @@ def quantize_int8(
             "WeightSymmetric": profile.weight_symmetric,
             # Percentile and entropy calibration hold every activation histogram in memory.
             "CalibMovingAverage": False,
+            **({"TensorQuantOverrides": overrides} if overrides else {}),
         },
     )
-    settings.calibration = method
-    settings.calibration_samples = len(calib)
-    return settings
+
+
+def mean_ranges(src: Path, calib: list[Sample]) -> dict[str, tuple[Any, Any]]:
+    """Each float activation's range as the mean over calibration samples of its per-sample minimum
+    and maximum (NNCF's default estimator for activations), instead of the extremes over all of
+    them: one sample's outlier no longer sets the step of every other. On PP-OCRv4 DBNet this took
+    the INT8 probability map from cosine 0.836 to 0.964 against fp32 (mask IoU 0.745 -> 0.915); the
+    classifiers did not move by more than their 64-image noise. One extra pass over the
+    calibration set with every intermediate tensor exposed, reduced to two numbers per sample."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    initializers = {i.name for i in model.graph.initializer}
+    exposed = {o.name for o in model.graph.output}
+    tensors = [i.name for i in model.graph.input if i.name not in initializers]
+    tensors += [o for n in model.graph.node for o in n.output if o]
+    model.graph.output.extend([onnx.ValueInfoProto(name=t) for t in tensors if t not in exposed])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as in the graph
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    lows: dict[str, list[float]] = {}
+    highs: dict[str, list[float]] = {}
+    for sample in calib:
+        values = dict(zip(names, sess.run(names, sample.feeds), strict=True))
+        values.update({k: v for k, v in sample.feeds.items() if k in tensors})
+        for name, v in values.items():
+            if isinstance(v, np.ndarray) and v.dtype == np.float32 and v.size and np.isfinite(v).all():
+                lows.setdefault(name, []).append(float(v.min()))
+                highs.setdefault(name, []).append(float(v.max()))
+    # ORT's quantizer wants numpy scalars of the tensor's type.
+    return {t: (np.float32(np.mean(lows[t])), np.float32(np.mean(highs[t]))) for t in lows}
 
 
 def convert_fp16(src: Path, dst: Path) -> QuantSettings:

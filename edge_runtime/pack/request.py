@@ -32,7 +32,7 @@ class PackRequest:
     preprocess: PreprocessSpec | None = None
     labels: list[str] | None = None
     precision: Literal["int8", "fp16", "fp32", "auto"] = "int8"  # auto: pack/auto.py
-    calibration: CalibMethod = "minmax"
+    calibration: CalibMethod = "auto"
     gate: Gate = field(default_factory=Gate)
     recover: bool = True
     max_calib: int | None = None

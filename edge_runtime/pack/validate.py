@@ -62,7 +62,7 @@ def run_all(sess: Any, samples: list[Sample], output_names: list[str] | None = N
     return [sess.run(output_names, s.feeds) for s in samples]
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 and nb == 0:
@@ -83,7 +83,7 @@ def compare(
     for k, name in enumerate(output_names):
         ref = [r[k] for r in reference]
         cand = [c[k] for c in candidate]
-        cos = [_cosine(a, b) for a, b in zip(ref, cand, strict=True)]
+        cos = [cosine(a, b) for a, b in zip(ref, cand, strict=True)]
         diff = [np.abs(a.astype(np.float64) - b.astype(np.float64)) for a, b in zip(ref, cand, strict=True)]
         m: dict[str, Any] = {
             "cosine_mean": float(np.mean(cos)),
@@ -180,7 +180,7 @@ def layer_sensitivity(
         qa = dict(zip(names, q_s.run(names, s.feeds), strict=True))
         for t in names:
             if ra[t].dtype.kind == "f" and ra[t].size:
-                errors[t].append(1.0 - _cosine(ra[t], qa[t]))
+                errors[t].append(1.0 - cosine(ra[t], qa[t]))
     err = {t: float(np.mean(v)) for t, v in errors.items() if v}
     ranked = []
     for n in nodes:

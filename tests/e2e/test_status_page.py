@@ -35,6 +35,34 @@ def test_status_page_is_off_by_default(installed_state: Path) -> None:
         assert d.stop() == 0
 
 
+def test_status_page_shows_the_fleet_link_and_the_outbox(
+    installed_state: Path, fleet_key: Path, tmp_path: Path
+) -> None:
+    from tests.broker import Broker
+    from tests.conftest import wait_for
+
+    broker = Broker(tmp_path / "broker", {"cam-1": "cam-secret"})
+    (tmp_path / "pw").write_text("cam-secret")
+    cfg = tmp_path / "edgert.yaml"
+    cfg.write_text("status_page: true\n")
+    d = Daemon(installed_state, "--config", str(cfg), "--broker", broker.url, "--device-id", "cam-1", "--group",
+               "door", "--fleet-key", str(fleet_key / "signing.pub"), "--broker-password-file", str(tmp_path / "pw"))  # fmt: skip
+    try:
+
+        def fleet() -> dict[str, object] | None:
+            s = json.loads(fetch(d.url + "/status.json")[1])
+            return s if s["fleet"] and s["fleet"]["connected"] else None
+
+        s = wait_for(fleet, 30, "the agent connected, on the status page")
+        assert s["fleet"] == {"connected": True, "device": "cam-1", "group": "door"}
+        assert set(s["outbox"]) == {"depth", "bytes", "disk_bytes", "dropped"}
+        broker.stop()  # the broker goes away: the page says so, the device keeps serving
+        wait_for(lambda: not json.loads(fetch(d.url + "/status.json")[1])["fleet"]["connected"], 30, "disconnected")
+    finally:
+        assert d.stop() == 0
+        broker.stop()
+
+
 @pytest.mark.browser
 def test_status_page_shows_models_sources_and_last_frames(
     installed_state: Path, orientation_data: tuple[Path, Path], tmp_path: Path

@@ -71,6 +71,18 @@ def test_gate_met_and_reported(packed: dict[str, Any]) -> None:
     assert packed["fp32"].report["outputs"][manifest.outputs[0].name]["cosine_mean"] > 0.99999
 
 
+def test_auto_calibration_keeps_the_variant_closest_to_fp32_on_calibration_data(packed: dict[str, Any]) -> None:
+    q = packed["int8"].manifest.quantization
+    scores = q["calibration_scores"]
+    method = q["calibration"].removeprefix("auto: ")
+    graph = "original" if q.get("rewritten") is False else "rewritten" if q.get("rewritten") else "original"
+    assert q["calibration"].startswith("auto: ") and len(scores) >= 4, q  # 2 estimators x 2 graphs at least
+    assert {label.split(", ")[1] for label in scores} == {"mean-minmax", "minmax"}
+    chosen = scores[f"{graph} graph, {method}, {'7-bit' if q['reduce_range'] else '8-bit'} weights"]
+    # The kept variant is the best on calibration data (within the tie margin that favours the first).
+    assert chosen >= max(scores.values()) - 1e-4, scores
+
+
 def test_orientation_task_accuracy_both(packed: dict[str, Any]) -> None:
     if packed["key"] == "ppocr-det":
         assert "mask_iou" in next(iter(packed["int8"].report["outputs"].values()))

@@ -38,22 +38,9 @@ from tests.browser import chromium  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.fleet_models import make_bundle  # noqa: E402
 
-SIM = """
-import signal, sys, threading
-from pathlib import Path
-from edge_runtime.fleet.simulate import SimDevice, SimSettings
-url, start, count, root, prefix, trust, fleet, bundle = sys.argv[1:]
-s = SimSettings(url=url, state_root=Path(root), group=prefix, trust=Path(trust), fleet_key=Path(fleet),
-                password="dev", prefix=prefix, rate_hz=2, telemetry_interval_s=1, bundles=(Path(bundle),))
-devices = [SimDevice(i, s) for i in range(int(start), int(start) + int(count))]
-for d in devices:
-    d.start()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stop.set())
-stop.wait()
-for d in devices:
-    d.stop()
-"""
+sys.path.insert(0, str(REPO / "bench"))
+from bench_fleet import SIM, wait  # noqa: E402  (the same simulated devices as the fleet benchmark)
+
 OBSERVER = """
 window.seen = {}; window.want = [];
 new MutationObserver(() => {
@@ -75,14 +62,6 @@ def metric(url: str, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return 0.0
-
-
-def wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def run(n: int, tmp: Path) -> dict[str, object]:

@@ -167,10 +167,14 @@ def default_instances(cores: int | None = None) -> int:
     return 1 if cores < 4 else min(4, cores // 2)
 
 
-def batch_settings_for(manifest: BundleManifest, base: BatchSettings) -> BatchSettings:
-    """Narrow the configured settings to what the model can take; resolve instances 0 (auto)."""
+def batch_settings_for(manifest: BundleManifest, base: BatchSettings, cores: int | None = None) -> BatchSettings:
+    """Narrow the configured settings to what the model can take; resolve instances 0 (auto) from the
+    bundle and the cores: a bundle declared stateful gets one instance, so its requests run one at a
+    time and in order (two instances would run a client's pipelined requests side by side); any
+    other model gets ``default_instances`` of this device's cores. A number set in the
+    configuration is taken as it is."""
     b = manifest.batching
-    instances = base.instances or default_instances()
+    instances = base.instances or (1 if b.stateful else default_instances(cores))
     if not b.batchable:
         return BatchSettings(1, 0.0, (), base.max_queue, base.timeout_ms, False, instances, base.inline_max_ms)
     cap = b.max_batch

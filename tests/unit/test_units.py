@@ -131,3 +131,23 @@ def test_oip_keeps_scalars_scalar() -> None:
     body, hl = encode_request({"sr": np.array(16000, np.int64)})
     _, got = decode_request(body, hl)
     assert got["sr"].shape == () and int(got["sr"]) == 16000
+
+
+def test_instances_default_from_the_bundle_and_the_cores() -> None:
+    from edge_runtime.contracts.bundle import BatchingSpec
+    from edge_runtime.serving.batcher import BatchSettings
+    from edge_runtime.serving.handles import batch_settings_for
+
+    class Manifest:  # only what batch_settings_for reads
+        def __init__(self, **batching: object) -> None:
+            self.batching = BatchingSpec(**batching)  # type: ignore[arg-type]
+
+    auto = BatchSettings(instances=0)
+    plain = Manifest(max_batch=0, batchable=True)
+    stateful = Manifest(max_batch=1, batchable=False, stateful=True, reason="declared stateful")
+    assert batch_settings_for(plain, auto, cores=2).instances == 1  # type: ignore[arg-type]
+    assert batch_settings_for(plain, auto, cores=8).instances == 4  # type: ignore[arg-type]
+    assert batch_settings_for(stateful, auto, cores=8).instances == 1  # type: ignore[arg-type]
+    # A number in the configuration is taken as it is, stateful or not.
+    assert batch_settings_for(stateful, BatchSettings(instances=3), cores=8).instances == 3  # type: ignore[arg-type]
+    assert batch_settings_for(plain, BatchSettings(instances=2), cores=2).instances == 2  # type: ignore[arg-type]

@@ -239,13 +239,23 @@ class ControllerDB:
         r.devices = {d[0]: dict(zip(keys, d[1:], strict=True)) for d in devs}
         return r
 
-    def rollouts(self, active_only: bool = False) -> list[Rollout]:
-        q = "SELECT id FROM rollouts"
+    def rollouts(
+        self, active_only: bool = False, finished_since: float | None = None, last: int | None = None
+    ) -> list[Rollout]:
+        """Rollouts by id; ``active_only`` (or, with ``finished_since``, also those ended since then);
+        ``last``: only the newest N."""
+        q, args = "SELECT id FROM rollouts", list[object]()
         if active_only:
-            q += f" WHERE status IN ({','.join('?' * len(ACTIVE))})"
+            q += f" WHERE (status IN ({','.join('?' * len(ACTIVE))})"
+            args += list(ACTIVE)
+            if finished_since is not None:
+                q += " OR finished > ?"
+                args.append(finished_since)
+            q += ")"
+        q += " ORDER BY id DESC" + (f" LIMIT {int(last)}" if last else "")
         with self._lock:
-            ids = [r[0] for r in self._db.execute(q + " ORDER BY id", ACTIVE if active_only else ()).fetchall()]
-        return [r for i in ids if (r := self.rollout(i)) is not None]
+            ids = [r[0] for r in self._db.execute(q, args).fetchall()]
+        return [r for i in reversed(ids) if (r := self.rollout(i)) is not None]
 
     def set_rollout(self, rid: int, **fields: Any) -> None:
         fields["updated"] = time.time()

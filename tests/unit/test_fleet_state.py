@@ -61,3 +61,15 @@ def test_defaults_per_strategy() -> None:
     p = RolloutParams(steps=[5.0])
     p.validate("canary")
     assert p.steps == [5.0, 100.0]  # the rest follows the canary
+
+
+def test_rollouts_filters_active_recently_finished_and_newest(tmp_path: Path) -> None:
+    db = ControllerDB(tmp_path / "fleet.db")
+    ids = [db.create_rollout("m", f"1.0.{i}", None, f"g{i}", "canary", {}, 1) for i in range(5)]
+    db.set_rollout(ids[0], status="aborted")  # finished now
+    db.set_rollout(ids[1], status="completed", finished=time.time() - 1000)  # long ago
+    assert [r.id for r in db.rollouts()] == ids
+    assert [r.id for r in db.rollouts(active_only=True)] == ids[2:]
+    assert [r.id for r in db.rollouts(active_only=True, finished_since=time.time() - 60)] == [ids[0], *ids[2:]]
+    assert [r.id for r in db.rollouts(last=2)] == ids[3:]
+    db.close()

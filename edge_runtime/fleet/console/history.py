@@ -90,10 +90,9 @@ class History:
         with self._lock:
             for v in views:
                 self._device(v, now)
-        for r in self.db.rollouts():
-            # Sampled while it runs and for a while after it ends: an abort's plots show the way back.
-            if r.active or (r.finished or 0) > now - AFTER_END_S:
-                self._rollout(r, [v for v in views if v.group == r.group], now)
+        # Sampled while it runs and for a while after it ends: an abort's plots show the way back.
+        for r in self.db.rollouts(active_only=True, finished_since=now - AFTER_END_S):
+            self._rollout(r, [v for v in views if v.group == r.group], now)
 
     def _device(self, v: DeviceView, now: float) -> None:
         h = self.devices.setdefault(v.id, DeviceHistory())

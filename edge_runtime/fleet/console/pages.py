@@ -165,7 +165,7 @@ class Pages:
     # --- rollouts ----------------------------------------------------------------------
 
     def rollouts(self) -> Page:
-        items = [rollout_json(self.ctl, r) for r in reversed(self.db.rollouts())][:100]
+        items = [rollout_json(self.ctl, r) for r in reversed(self.db.rollouts(last=100))]
         return Page("Rollouts", [("rollouts", "rollouts.html", {"items": items})], "rollouts")
 
     def rollout(self, rid: int) -> Page:

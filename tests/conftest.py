@@ -149,17 +149,23 @@ class Daemon:
         return Path(self.log.name).read_text()
 
     def stop(self) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return code
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; the exit status."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pytest
 
 from edge_runtime.contracts.bundle import generate_keypair
 from tests.broker import Broker
-from tests.conftest import REPO, edgert, free_port, wait_for
+from tests.conftest import REPO, edgert, free_port, terminate, wait_for
 from tests.fleet_models import make_bundle
 
 pytestmark = pytest.mark.e2e
@@ -83,15 +82,9 @@ class Proc:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -389,6 +382,14 @@ def test_html_from_a_device_is_shown_as_text(broker: Broker, console: str) -> No
         assert "&lt;script&gt;window.pwned=2&lt;/script&gt;" in page
         from urllib.parse import quote
 
+        # Filters: by group, by model, by version (here the device's HTML version string).
+        by_group = get(console + "/?group=" + quote("<b>grp</b>", safe=""))[1]
+        assert "&lt;img src=x" in by_group and 'data-device="web-000"' not in by_group
+        web = get(console + "/?group=web")[1]
+        assert "&lt;img src=x" not in web and all(f'data-device="web-{i:03d}"' in web for i in range(DEVICES))
+        by_version = get(console + "/?model=cls&version=" + quote(EVIL_VERSION, safe=""))[1]
+        assert "&lt;img src=x" in by_version and 'data-device="web-000"' not in by_version
+        assert "no device matches" in get(console + "/?model=nope")[1]
         code, device_page = get(console + "/devices/" + quote(EVIL_ID, safe=""))
         assert code == 200 and "&lt;img src=x onerror=window.pwned=1&gt;" in device_page
         assert "<img src=x" not in device_page

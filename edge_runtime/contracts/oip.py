@@ -7,18 +7,22 @@ Pure functions over bytes and numpy arrays, shared by the server and the client.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-_loads: Callable[[bytes | bytearray], Any]
+_loads: Callable[[bytes | bytearray | memoryview], Any]
 try:  # 4x faster on tensor JSON (a 224x224x3 float32 input: 7 ms instead of 28); the http extra has it
     import orjson
 
     _loads = orjson.loads
-except ImportError:  # pragma: no cover - the stdlib parser, same results
-    _loads = json.loads
+except ImportError:  # pragma: no cover - the stdlib parser, same results (it takes no memoryview)
+
+    def _loads(raw: bytes | bytearray | memoryview) -> Any:
+        return json.loads(bytes(raw) if isinstance(raw, memoryview) else raw)
+
 
 # Open Inference Protocol v2 datatypes <-> numpy.
 OIP_TO_NUMPY = {
@@ -60,7 +64,7 @@ def _tensor_from_json(entry: dict[str, Any], binary: memoryview, offset: int) ->
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
     dtype = np.dtype(OIP_TO_NUMPY[datatype])
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # 1 for a scalar
     params = entry.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
@@ -86,7 +90,9 @@ def _tensor_from_json(entry: dict[str, Any], binary: memoryview, offset: int) ->
     return name, arr.reshape(shape), offset
 
 
-def decode_request(body: bytes | bytearray, header_length: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def decode_request(
+    body: bytes | bytearray | memoryview, header_length: int | None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Body -> (request JSON, input arrays by name)."""
     if not body:
         raise ProtocolError("empty request body; expected an inference request JSON")

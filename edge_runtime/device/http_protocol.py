@@ -14,6 +14,16 @@ Deadlines (enforced by the server's sweep, four times a second, not by a timer p
 Over-limit input is answered at once and the connection closed without reading the rest:
 headers over ``max_header_bytes`` (431), a body over its limit (413; binary and JSON bodies have
 separate limits), malformed HTTP (400). Every refusal is counted by reason.
+
+Bodies land where they are used. The connection is a ``BufferedProtocol``: the request line and
+headers are read into a small scratch buffer and parsed there, and a body with a Content-Length of
+``DIRECT_MIN`` bytes or more (a tensor) is then received by the kernel straight into one buffer of
+exactly that size (``recv_into``), bypassing the parser: no chunk objects, no join. Binary tensors
+are views of that buffer; a lone request runs on it in place, and under load each request's rows
+are copied once into the forming batch (``Batcher._join``). A body is never received into a shared
+batch buffer: the batch would then wait on the slowest client's upload, and every request in it
+with it. The buffer is ``np.empty``: its pages are committed as bytes arrive, so announcing a large
+Content-Length and sending nothing costs no memory.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httptools
+import numpy as np
 
 from edge_runtime import __version__
 
@@ -42,6 +53,8 @@ REASONS = {
     503: "Service Unavailable", 504: "Gateway Timeout",
 }  # fmt: skip
 SERVER = f"edgert/{__version__}".encode()
+DIRECT_MIN = 64 << 10  # bodies of at least this many bytes are received in place (see the module doc)
+SCRATCH_BYTES = 256 << 10  # what one read of request lines, headers and small bodies takes (asyncio's read size)
 
 
 @dataclass(slots=True)
@@ -51,7 +64,7 @@ class Request:
     method: str = ""
     url: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
-    body: bytearray | bytes = b""
+    body: bytearray | bytes | memoryview = b""
     keep_alive: bool = True
     version: str = "1.1"
 
@@ -100,7 +113,7 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(asyncio.BufferedProtocol):
     """One client connection. Owns its parser, its response order and its deadlines; hands complete
     requests to the server's API and never blocks the loop."""
 
@@ -115,6 +128,12 @@ class HttpConnection(asyncio.Protocol):
         self._body_limit = 0
         self._body_parts: list[bytes] = []
         self._body_len = 0
+        self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+        # The body being received in place: its buffer and how much of it has arrived. ``_bypass``:
+        # the parser stopped inside that body; the rest comes by recv_into and the parser is replaced.
+        self._direct: memoryview | None = None
+        self._direct_len = 0
+        self._bypass = False
         self.deadline = 0.0
         self.kind = "idle"
         self.idle_since = time.monotonic()
@@ -163,7 +182,25 @@ class HttpConnection(asyncio.Protocol):
     def on_close(self, callback: Callable[[], None]) -> None:
         self._on_close.append(callback)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._bypass and self._direct is not None:
+            return self._direct[self._direct_len :]  # exactly the rest of the body, never past it
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._bypass:
+            self._direct_len += nbytes
+            if self._direct_len >= len(self._direct or b""):
+                self._bypass = False
+                self.parser = httptools.HttpRequestParser(self)  # the old one is still inside the body
+                if not (self._discard or self.closed):
+                    self.on_message_complete()
+            return
+        self.data_received(self._scratch[:nbytes])
+        if self._direct is not None and not (self._discard or self.closed):
+            self._bypass = True  # the parser returned inside a large body: receive the rest in place
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._discard or self.closed:
             return
         try:
@@ -201,6 +238,7 @@ class HttpConnection(asyncio.Protocol):
         self.req = Request()
         self._header_bytes = 0
         self._body_parts, self._body_len = [], 0
+        self._direct, self._direct_len = None, 0
         self._set_deadline("request", self.limits.request_timeout_s)
 
     def on_url(self, url: bytes) -> None:
@@ -243,6 +281,8 @@ class HttpConnection(asyncio.Protocol):
                 kind = "binary" if binary else "JSON"
                 self.refuse(413, f"{kind} body of {n} bytes exceeds the limit of {self._body_limit}", "too_large")
                 raise httptools.HttpParserCallbackError("body too large")
+            if n >= DIRECT_MIN:
+                self._direct = np.empty(n, np.uint8).data  # a writable memoryview of format "B"
         if req.headers.get("expect", "").lower() == "100-continue" and not self.slots and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -250,6 +290,10 @@ class HttpConnection(asyncio.Protocol):
         # Parts are kept as the parser gives them and joined once at the end (one copy; a body that
         # came in one part is used as it is). Chunked bodies are held to the same limit as they come.
         n = len(body)
+        if self._direct is not None:  # the part of a large body that came with its headers
+            self._direct[self._direct_len : self._direct_len + n] = body
+            self._direct_len += n
+            return
         if self._body_len + n > self._body_limit:
             self.refuse(413, f"chunked body exceeds the limit of {self._body_limit} bytes", "too_large")
             raise httptools.HttpParserCallbackError("body too large")
@@ -260,7 +304,9 @@ class HttpConnection(asyncio.Protocol):
         req, self.req = self.req, None
         assert req is not None
         parts = self._body_parts
-        if parts:
+        if self._direct is not None:
+            req.body, self._direct = self._direct, None
+        elif parts:
             req.body = parts[0] if len(parts) == 1 else b"".join(parts)
         self._body_parts = []
         slot = Slot(req.method == "HEAD")

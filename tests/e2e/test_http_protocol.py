@@ -179,6 +179,68 @@ def test_lying_lengths_and_oversized_headers_are_refused(daemon: Daemon) -> None
         assert status == 400 and b"malformed HTTP request" in answer
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_large_body_in_pieces_is_received_in_place_and_a_pipelined_request_after_it_is_answered(
+    daemon: Daemon,
+) -> None:
+    """The tensor body (602 kB) arrives in 40 kB pieces with pauses, so the server's parser stops
+    inside it and the rest is received in place; the next request rides in the same write as the
+    body's last bytes and must be neither swallowed into the tensor nor lost."""
+    expected = Client(daemon.url).infer("orientation", X)["fetch_name_0"]
+    data = _infer_bytes()
+    tail = b"GET /v2/models/orientation HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(daemon) as s, s.makefile("rb") as f:
+        cut = data.index(b"\r\n\r\n") + 4 + 100  # the headers and 100 bytes of the body first
+        s.sendall(data[:cut])
+        time.sleep(0.05)
+        rest = data[cut:]
+        for i in range(0, len(rest) - 1000, 40_000):
+            s.sendall(rest[i : i + 40_000])
+            time.sleep(0.002)
+        s.sendall(rest[i + 40_000 :] + tail)
+        status, headers, body = _read_response(f)
+        assert status == 200
+        hlen = int(headers["inference-header-content-length"])
+        got = np.frombuffer(body[hlen:], np.float32).reshape(json.loads(body[:hlen])["outputs"][0]["shape"])
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        status, _, body = _read_response(f)
+        assert status == 200 and json.loads(body)["name"] == "orientation"
+        # and the connection goes on with a fresh parser: an inference in one write, then one byte at a time
+        s.sendall(data)
+        assert _read_response(f)[0] == 200
+
+
+def test_announced_bodies_that_never_come_cost_no_memory_and_time_out(daemon: Daemon) -> None:
+    """30 clients each announce a 60 MB binary body (under the 64 MB limit) and send 1 kB of it: the
+    in-place buffers are not committed until bytes arrive, so the daemon's memory barely moves; each
+    is answered 408 at the request deadline and the API keeps answering meanwhile."""
+    pid = daemon.proc.pid
+    before_rss = _rss_mb(pid)
+    before = _metric(daemon, "edgert_http_refused_total", reason="request_timeout")
+    socks = []
+    for _ in range(30):
+        s = _connect(daemon)
+        s.sendall(b"POST /v2/models/orientation/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: 10"
+                  b"\r\nContent-Length: 60000000\r\n\r\n" + b"x" * 1000)  # fmt: skip
+        socks.append(s)
+    time.sleep(0.5)
+    grown = _rss_mb(pid) - before_rss
+    assert grown < 100, f"daemon RSS grew {grown:.0f} MB for 30 announced bodies"
+    with Client(daemon.url, timeout=5) as c:
+        assert c.ready()
+    for s in socks:
+        with s, s.makefile("rb") as f:
+            status, _, body = _read_response(f)
+            assert status == 408 and b"not complete within 2 s" in body
+    assert _metric(daemon, "edgert_http_refused_total", reason="request_timeout") == before + 30
+
+
 def test_a_client_that_stops_reading_is_cut_and_others_keep_answers(daemon: Daemon) -> None:
     before = _metric(daemon, "edgert_http_refused_total", reason="write_timeout")
     s = _connect(daemon)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_runtime.pack.datasets import Sample, SampleReader
+from edge_runtime.pack.qdq_folds import fold_scalar_muls
 from edge_runtime.pack.targets import TargetProfile
 
 CalibMethod = Literal["auto", "mean-minmax", "minmax", "entropy", "percentile"]
@@ -40,6 +41,7 @@ class QuantSettings:
     calibration_samples: int = 0
     calibration_scores: dict[str, float] | None = None  # auto: mean cosine vs fp32 on calibration data
     rewritten: bool | None = None  # the hard-sigmoid rewrite kept (None: nothing to rewrite)
+    folded_muls: int = 0  # Mul-by-constant nodes folded into a scale after quantizing (qdq_folds.py)
     reduce_range: bool = False
     op_types: list[str] | None = None
     excluded_nodes: list[str] = field(default_factory=list)
@@ -103,17 +105,19 @@ def quantize_int8(
 
     if method == "auto":
         scores: dict[str, float] = {}
+        folds: dict[str, int] = {}
         for m in AUTO_METHODS:
-            _static(src, dst.with_suffix(f".{m}.onnx"), calib, profile, m, exclude, on_sample, op_types)
+            folds[m] = _static(src, dst.with_suffix(f".{m}.onnx"), calib, profile, m, exclude, on_sample, op_types)
             scores[m] = calibration_cosine(src, dst.with_suffix(f".{m}.onnx"), calib)
         best = max(AUTO_METHODS, key=lambda m: scores[m])  # a tie keeps the first (mean-minmax)
+        settings.folded_muls = folds[best]
         dst.with_suffix(f".{best}.onnx").replace(dst)
         for m in AUTO_METHODS:
             dst.with_suffix(f".{m}.onnx").unlink(missing_ok=True)
         settings.calibration = f"auto: {best}"
         settings.calibration_scores = {m: round(v, 6) for m, v in scores.items()}
     else:
-        _static(src, dst, calib, profile, method, exclude, on_sample, op_types)
+        settings.folded_muls = _static(src, dst, calib, profile, method, exclude, on_sample, op_types)
         settings.calibration = method
     settings.calibration_samples = len(calib)
     return settings
@@ -144,7 +148,8 @@ def _static(
     exclude: list[str],
     on_sample: Callable[[], None] | None,
     op_types: list[str] | None,
-) -> None:
+) -> int:
+    """Quantize ``src`` to ``dst`` (QDQ), then fold scale-only Muls; returns how many were folded."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
     class Reader(SampleReader, CalibrationDataReader):
@@ -179,6 +184,7 @@ def _static(
             **({"TensorQuantOverrides": overrides} if overrides else {}),
         },
     )
+    return fold_scalar_muls(dst)
 
 
 def mean_ranges(src: Path, calib: list[Sample]) -> dict[str, tuple[Any, Any]]:

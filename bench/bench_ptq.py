@@ -5,7 +5,8 @@ For every ONNX image model of the zoo that has a sample renderer (page orientati
 classifier, PP-OCRv4 DBNet text detection), the same prepared fp32 graph (the packer's own first
 step: shapes inferred, constants as initializers) is quantized by:
 
-- **edgert pack** (x86-cpu: QDQ, per-channel weights, the op rewrites, the recovery ladder; with
+- **edgert pack** (x86-cpu, and x86-vnni where this CPU has VNNI: QDQ, per-channel weights, the op
+  rewrites and folds, the recovery ladder; with
   `--allow-slower` so its INT8 is measured even where the latency gate would refuse it);
 - **ORT defaults**: `onnxruntime.quantization.quantize_static` with its defaults (QDQ, per-tensor
   QInt8 weights and activations, MinMax);
@@ -41,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 
 from edge_runtime.contracts.bundle import PreprocessSpec, generate_keypair, load_public_keys, read_bundle  # noqa: E402
+from edge_runtime.contracts.targets import host_lacks  # noqa: E402
 from edge_runtime.pack import samples, zoo  # noqa: E402
 from edge_runtime.pack.datasets import SampleReader, load_samples  # noqa: E402
 from edge_runtime.pack.pipeline import PackRequest, pack  # noqa: E402
@@ -112,20 +114,24 @@ def run_model(key: str, tmp: Path, console: Console) -> list[dict[str, Any]]:
         console.print(f"{key:18} {tool:24} cos {r['cosine']:.4f} top1 {r['top1_agreement']} iou {r['mask_iou']} "
                       f"acc {r['acc']} b1 {r['b1_ms']:.2f} ms ({seconds:.0f} s)")  # fmt: skip
 
-    # edgert pack: the whole packer; its INT8 graph is taken out of the signed bundle.
-    t0 = time.perf_counter()
-    res = pack(
-        PackRequest(model=model, target="x86-cpu", calib=cal_dir, eval=eval_dir, name=key, version="1.0.0",
-                    key=tmp / "keys" / "signing.key", out=tmp / f"{key}.edgepkg", preprocess=pre, labels=labels,
-                    gate=recipe.pack.make_gate(), allow_slower=True),
-        Console(quiet=True),
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    bundle = read_bundle(res.path, load_public_keys([tmp / "keys" / "signing.pub"]))
-    packed = tmp / key / "edgert.onnx"
-    packed.write_bytes(bundle.model_bytes)
-    kept = res.report["recovery"]["kept_float"]
-    add("edgert pack", packed, seconds, f"{len(kept)} nodes kept float" if kept else "")
+    # edgert pack: the whole packer; its INT8 graph is taken out of the signed bundle. x86-cpu (7-bit
+    # weights, for any AVX2 CPU) and, where this CPU has VNNI to judge it, x86-vnni (8-bit weights).
+    targets = ["x86-cpu"] + (["x86-vnni"] if host_lacks("x86-vnni") is None else [])
+    for target in targets:
+        t0 = time.perf_counter()
+        res = pack(
+            PackRequest(model=model, target=target, calib=cal_dir, eval=eval_dir, name=key, version="1.0.0",
+                        key=tmp / "keys" / "signing.key", out=tmp / f"{key}-{target}.edgepkg", preprocess=pre,
+                        labels=labels, gate=recipe.pack.make_gate(), allow_slower=True),
+            Console(quiet=True),
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        bundle = read_bundle(res.path, load_public_keys([tmp / "keys" / "signing.pub"]))
+        packed = tmp / key / f"edgert-{target}.onnx"
+        packed.write_bytes(bundle.model_bytes)
+        kept = res.report["recovery"]["kept_float"]
+        add("edgert pack" + ("" if target == "x86-cpu" else f" ({target})"), packed, seconds,
+            f"{len(kept)} nodes kept float" if kept else "")  # fmt: skip
 
     t0 = time.perf_counter()
     ort_defaults(prepared.path, tmp / key / "ort.onnx", calib)

@@ -38,6 +38,27 @@ def target_archs(target: str) -> list[str]:
     return list(target_table().get(target, {}).get("arch", []))
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """This CPU's feature flags (``flags`` in /proc/cpuinfo); None where that cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    return {
+        f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()
+    }
+
+
+def host_lacks(target: str, flags: set[str] | None = None) -> str | None:
+    """Why this CPU cannot run bundles for ``target`` (targets.toml ``cpu_flags``: one of them is
+    needed), or None when it can. A CPU whose flags cannot be read is given the benefit of the doubt."""
+    needed = list(target_table().get(target, {}).get("cpu_flags", []))
+    have = cpu_flags() if flags is None else flags
+    if not needed or have is None or have & set(needed):
+        return None
+    return f"target {target} needs a CPU with {' or '.join(needed)}, and this CPU has none of them"
+
+
 def elf_arch(path: Path) -> str | None:
     """x86_64 or aarch64 from an executable's ELF header; None when it is not an ELF file of either."""
     try:

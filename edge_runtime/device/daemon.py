@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.contracts.bundle import load_public_keys
+from edge_runtime.contracts.targets import host_lacks
 from edge_runtime.device.agent.updater import Updater
 from edge_runtime.device.config import ServeConfig
 from edge_runtime.device.http_server import HttpServer, ServerState
@@ -111,6 +112,10 @@ class Daemon:
                 if manifest.target != self.config.target:
                     self.runtime.unload(name)
                     raise ValueError(f"bundle targets {manifest.target}, this device is {self.config.target}")
+                lacks = host_lacks(manifest.target)
+                if lacks:  # it would load and answer wrongly (saturating kernels): not served
+                    self.runtime.unload(name)
+                    raise ValueError(lacks)
             except Exception as e:
                 log.error("cannot load %s %s: %s", name, version, e)
                 self.load_failures[f"{name} {version}"] = str(e)[:300]

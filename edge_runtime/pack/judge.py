@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from edge_runtime.contracts.targets import host_lacks
 from edge_runtime.pack import emulation
 from edge_runtime.pack.datasets import Sample
 from edge_runtime.pack.request import PackError
@@ -68,6 +69,9 @@ def choose(requested: str, profile: TargetProfile) -> Judge:
     if profile.judge_arch is None:
         if explicit:
             raise PackError(f"--judge aarch64: target {profile.name} runs on x86 kernels; judge it here (--judge host)")
+        lacks = host_lacks(profile.name)
+        if lacks:  # e.g. x86-vnni packed on a CPU without VNNI: its kernels saturate 8-bit weights
+            return Judge("host", f"{lacks}: judged on this host's kernels anyway, a pessimistic figure")
         return Judge("host", f"target {profile.name} runs on this kind of CPU")
     why = emulation.problem()
     if requested == "aarch64":

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from rich.console import Console
 
+from edge_runtime.contracts.targets import cpu_flags
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
 from edge_runtime.pack.input_stats import input_stats
 from edge_runtime.pack.judge import choose
@@ -202,11 +203,10 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
 
 
 def _host_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return True  # unknown: do not risk weights that saturate on a CPU without VNNI
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(flags & {"avx512_vnni", "avx_vnni"})
 
 
 def _quantize_best(

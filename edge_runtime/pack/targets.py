@@ -16,6 +16,7 @@ class TargetProfile(BaseModel):
     name: str
     description: str
     arch: list[Literal["x86_64", "aarch64"]]
+    cpu_flags: list[str] = Field(default_factory=list)  # the device's CPU has at least one (targets.toml)
     runtime: Literal["onnxruntime", "litert"]
     artifact: Literal["onnx", "tflite"]
     activation_type: Literal["uint8", "int8"]

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.contracts.bundle import SEMVER, Bundle, BundleError, load_public_keys, read_bundle, semver_key
 from edge_runtime.contracts.durable import atomic_write, fsync_dir, read_json_file, report_corrupt
+from edge_runtime.contracts.targets import host_lacks
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgert")
 VERSION_TEXT = re.compile(r"^[0-9A-Za-z.+-]{1,64}$")
@@ -84,6 +85,9 @@ class ModelStore:
         m = bundle.manifest
         if target is not None and m.target != target:
             raise BundleError(f"the bundle targets {m.target}, this device is {target} (--target)")
+        lacks = host_lacks(m.target)
+        if lacks:
+            raise BundleError(f"{m.name} {m.version} cannot run here: {lacks}")
         active = next((a.version for a in self.active() if a.name == m.name), None)
         if activate and active is not None and not allow_downgrade and semver_key(m.version) < semver_key(active):
             raise BundleError(

@@ -230,3 +230,32 @@ def test_semver_order() -> None:
 def test_write_is_atomic_no_temp_left(tmp_path: Path, keys: Path) -> None:
     write_bundle(tmp_path / "a.edgepkg", FIELDS, {"model.bin": b"m"}, load_private_key(keys / "signing.key"))
     assert sorted(os.listdir(tmp_path)) == ["a.edgepkg"]
+
+
+def test_a_bundle_for_a_cpu_feature_this_cpu_lacks_is_refused_at_install(
+    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """x86-vnni bundles hold 8-bit weights that saturate on a CPU without VNNI: installing one there
+    is refused, naming the flags; with the flags (or on x86-cpu) it installs. The CPU's flags are
+    the one thing faked here: this machine cannot be made to lack VNNI for real."""
+    from edge_runtime.contracts import targets
+    from edge_runtime.serving.store import ModelStore
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert targets.cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "fma"}
+    assert targets.host_lacks("x86-vnni", {"avx2"}) == (
+        "target x86-vnni needs a CPU with avx512_vnni or avx_vnni, and this CPU has none of them")  # fmt: skip
+    assert targets.host_lacks("x86-vnni", {"avx2", "avx_vnni"}) is None
+    assert targets.host_lacks("x86-cpu", {"avx2"}) is None
+    bundle = tmp_path / "vnni.edgepkg"
+    write_bundle(bundle, {**FIELDS, "target": "x86-vnni"}, {"model.bin": b"m" * 100},
+                 load_private_key(keys / "signing.key"))  # fmt: skip
+    store = ModelStore(tmp_path / "state")
+    store.trust(keys / "signing.pub")
+    monkeypatch.setattr(targets, "cpu_flags", lambda cpuinfo=None: {"avx2"})
+    with pytest.raises(BundleError, match="toy 1.2.3 cannot run here: target x86-vnni needs a CPU with avx512_vnni"):
+        store.install(bundle)
+    assert store.active() == []
+    monkeypatch.setattr(targets, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512_vnni"})
+    assert store.install(bundle).manifest.target == "x86-vnni"

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime.contracts.bundle import BundleError, read_bundle, semver_key
 from edge_runtime.contracts.durable import fsync_dir
 from edge_runtime.contracts.fleet import HealthPolicy, UpdateOutcome, VerdictKind
+from edge_runtime.contracts.targets import host_lacks
 from edge_runtime.device.agent.downloads import UpdateRefused
 from edge_runtime.device.agent.health_window import Verdict, evaluate
 from edge_runtime.device.agent.latency_pairs import LatencyPairs
@@ -62,6 +63,9 @@ def verify_candidate(
         raise UpdateRefused(f"bundle is {m.name} {m.version}, desired state says {name} {version}")
     if m.target != target:
         raise UpdateRefused(f"bundle targets {m.target}, this device is {target}")
+    lacks = host_lacks(m.target)
+    if lacks:
+        raise UpdateRefused(f"bundle cannot run here: {lacks}")
     if active is not None and semver_key(version) <= semver_key(active) and not downgrade:
         raise UpdateRefused(
             f"version {version} is not newer than the active {active} (a downgrade must be signed as one)"

@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 
 from edge_runtime.contracts.targets import cpu_flags
+from edge_runtime.pack.bias_correction import correct_biases
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
 from edge_runtime.pack.input_stats import input_stats
 from edge_runtime.pack.judge import choose
@@ -27,6 +28,7 @@ from edge_runtime.pack.quantize import (
     CONV_OPS,
     MATMUL_OPS,
     QuantSettings,
+    calibration_cosine,
     choose_mode,
     convert_fp16,
     quantize_int8,
@@ -37,6 +39,8 @@ from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.validate import compare, latency_pair, layer_sensitivity, run_all, session
 
 RECOVERY_STEPS = (1, 2, 4, 8, 16)
+BIAS_SAMPLES = 32  # calibration samples bias correction measures on (DBNet: ~30 s on 2 cores)
+BIAS_TOLERANCE = 0.005  # calibration cosine a bias correction may lose and still be kept
 # A candidate is "slower" than fp32 beyond this share: the run-to-run spread of the p50s measured
 # here is about 5%, so a candidate at parity is not refused by noise.
 LATENCY_MARGIN = 0.10
@@ -89,6 +93,11 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
                     req, profile, mode, [source, prep.path] if rewrites else [source], prep.path, candidate,
                     calib, exclude, on_sample, op_types,
                 )  # fmt: skip
+            bc = settings.bias_correction
+            if bc:
+                cos = bc["calibration_cosine"]
+                console.log(f"  bias correction of {bc['layers']} layers: calibration cosine {cos['before']:.4f} -> "
+                            f"{cos['after']:.4f}, {'kept' if bc['kept'] else 'not kept'}")  # fmt: skip
         elif req.precision == "fp16":
             settings = convert_fp16(prep.path, candidate)
         else:
@@ -231,13 +240,18 @@ def _quantize_best(
       this host lacks VNNI, so its own kernels show any saturation a device would have;
     - per graph, both activation estimators (``quantize_int8``'s auto).
 
-    Ties keep the earlier variant (rewritten graph, the profile's own settings)."""
+    Ties keep the earlier variant (rewritten graph, the profile's own settings). The kept variant
+    is then bias-corrected (``_bias_correct``)."""
     if req.calibration != "auto" or mode != "static":
-        return quantize_int8(graphs[0], candidate, calib, profile, mode, req.calibration, exclude, on_sample, op_types)
+        settings = quantize_int8(graphs[0], candidate, calib, profile, mode, req.calibration, exclude, on_sample,
+                                 op_types)  # fmt: skip
+        if mode == "static" and req.bias_correction:
+            _bias_correct(graphs[0], candidate, calib, settings)
+        return settings
     profiles = [profile]
     if profile.reduce_range and not _host_has_vnni():
         profiles.append(profile.model_copy(update={"reduce_range": False}))
-    best: tuple[float, Path, QuantSettings] | None = None
+    best: tuple[float, Path, QuantSettings, Path] | None = None
     tried: dict[str, float] = {}
     for g, graph in enumerate(graphs):
         for prof in profiles:
@@ -252,13 +266,36 @@ def _quantize_best(
             for method, value in (got.calibration_scores or {}).items():
                 tried[f"{graph_label} graph, {method}, {bits}"] = value
             if best is None or score > best[0] + 1e-4:
-                best = (score, out, got)
+                best = (score, out, got, graph)
     assert best is not None
     best[1].replace(candidate)
     for leftover in candidate.parent.glob(candidate.stem + ".g*.onnx"):
         leftover.unlink(missing_ok=True)
     best[2].calibration_scores = tried
+    if req.bias_correction:
+        _bias_correct(best[3], candidate, calib, best[2], before=best[0])
     return best[2]
+
+
+def _bias_correct(graph: Path, candidate: Path, calib: list[Any], settings: QuantSettings,
+                  before: float | None = None) -> None:  # fmt: skip
+    """Correct the candidate's layer biases for the mean error quantization adds (on up to
+    BIAS_SAMPLES calibration samples), as NNCF does by default; the held-out gate then judges the
+    result like any candidate. It is kept unless the calibration samples moved clearly away from
+    fp32 (BIAS_TOLERANCE): the calibration cosine is not the held-out one, and on PP-OCR cls it fell
+    0.9991 -> 0.9982 while the held-out cosine rose 0.987 -> 0.992. Measured on DBNet (x86-cpu, 7-bit
+    weights): held-out cosine 0.920 -> 0.978, mask IoU 0.834 -> 0.942."""
+    fixed = candidate.with_suffix(".bc.onnx")
+    layers = correct_biases(graph, candidate, [s.feeds for s in calib[:BIAS_SAMPLES]], fixed)
+    if before is None:
+        before = calibration_cosine(graph, candidate, calib)
+    after = calibration_cosine(graph, fixed, calib) if layers else before
+    kept = layers > 0 and after > before - BIAS_TOLERANCE
+    if kept:
+        fixed.replace(candidate)
+    fixed.unlink(missing_ok=True)
+    settings.bias_correction = {"layers": layers, "calibration_cosine": {"before": round(before, 6),
+                                "after": round(after, 6)}, "kept": kept}  # fmt: skip
 
 
 def _latency_gate(

@@ -42,6 +42,8 @@ class QuantSettings:
     calibration_scores: dict[str, float] | None = None  # auto: mean cosine vs fp32 on calibration data
     rewritten: bool | None = None  # the hard-sigmoid rewrite kept (None: nothing to rewrite)
     folded_muls: int = 0  # Mul-by-constant nodes folded into a scale after quantizing (qdq_folds.py)
+    # layers corrected, calibration cosine before/after, and whether it was kept (bias_correction.py)
+    bias_correction: dict[str, Any] | None = None
     reduce_range: bool = False
     op_types: list[str] | None = None
     excluded_nodes: list[str] = field(default_factory=list)

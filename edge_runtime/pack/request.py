@@ -41,6 +41,7 @@ class PackRequest:
     artifact: str | None = None  # onnx | tflite; default: the target's first
     judge: str = "auto"  # auto | host | aarch64: whose kernels judge the candidate (pack/judge.py)
     allow_slower: bool = False  # ship a candidate slower than fp32 where the latency gate applies
+    bias_correction: bool = True  # static INT8: correct layer biases on calibration data (bias_correction.py)
 
 
 @dataclass

@@ -81,6 +81,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         artifact=args.artifact,
         judge=args.judge,
         allow_slower=args.allow_slower,
+        bias_correction=not args.no_bias_correction,
     )
     try:
         result = pack(req, console)
@@ -143,6 +144,8 @@ def add_pack(sub: Any) -> None:
     pk.add_argument("--min-top1", type=float, default=0.95, help="gate: top-1 agreement with fp32 (0.95)")
     pk.add_argument("--max-drop", type=float, default=0.02, help="gate: task accuracy drop (0.02)")
     pk.add_argument("--no-recover", action="store_true", help="do not keep sensitive layers in float")
+    pk.add_argument("--no-bias-correction", action="store_true",
+                    help="do not correct layer biases for the mean error quantization adds")  # fmt: skip
     pk.add_argument("--max-calib", type=int, help="use at most this many calibration samples")
     pk.add_argument("--max-eval", type=int, help="use at most this many evaluation samples")
     pk.add_argument("--stateful", action="store_true", help="never batch requests of this model")

@@ -5,10 +5,9 @@ Quantizing weights and inputs shifts the mean of a layer's output (rounding is n
 a clip or an asymmetric range is involved, and every layer inherits the shifts of those before
 it). The shift is cheap to measure and exact to remove: the bias is an int32 tensor under the scale
 ``s_input * s_weight``, and subtracting ``round(error / scale)`` moves the output by the error to
-within half a step. This is the correction NNCF applies ("bias correction"), done here in order:
-the layers are corrected a group at a time from the input side, each group measured with every
-earlier group already corrected, so a layer never corrects an error its predecessors already took
-out.
+within half a step. This is the correction NNCF applies ("bias correction"), done here in order
+from the input side: a layer is measured only once every layer upstream of it is corrected, so it
+never corrects an error its predecessors already took out.
 
 The layer's float output is compared before any activation: the quantizer folds a Relu or Clip
 after a convolution into the Quantize's range and gives the convolution the activation's output
@@ -18,24 +17,22 @@ with an int32 bias behind a Dequantize, are corrected; the rest are left as they
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_runtime.pack.validate import session
+
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def _session(model: Any) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session(model.SerializeToString(), threads=0)  # 0: ONNX Runtime's default, every core
 
 
-def _with_outputs(model: Any, names: list[str], bias_inputs: list[Any] = ()) -> Any:  # type: ignore[assignment]
+def _with_outputs(model: Any, names: list[str], bias_inputs: Sequence[Any] = ()) -> Any:
     """A copy of ``model`` that also outputs ``names`` and takes the given initializers as inputs
     (their values are then fed at each run: one session serves every correction step)."""
     import onnx

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from rich.console import Console
 
-from edge_runtime.contracts.targets import cpu_flags
+from edge_runtime.contracts.targets import host_lacks
 from edge_runtime.pack.bias_correction import correct_biases
 from edge_runtime.pack.flow import finish, load_held_out, prepare_onnx, progress_bar, record_gate, refuse_if_failed
 from edge_runtime.pack.input_stats import input_stats
@@ -212,10 +212,9 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
 
 
 def _host_has_vnni() -> bool:
-    flags = cpu_flags()
-    if flags is None:
-        return True  # unknown: do not risk weights that saturate on a CPU without VNNI
-    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    # x86-vnni's own CPU requirement (targets.toml); a CPU whose flags cannot be read counts as having
+    # it, so the 8-bit variant, which such a host could not judge, is not tried there.
+    return host_lacks("x86-vnni") is None
 
 
 def _quantize_best(

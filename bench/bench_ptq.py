@@ -15,7 +15,10 @@ step: shapes inferred, constants as initializers) is quantized by:
 
 Each candidate is run by ONNX Runtime on this CPU (1 thread) and compared with fp32 by the
 packer's own comparison: cosine, top-1 agreement, task accuracy (labelled sets), mask IoU (DBNet);
-size; latency at batch 1 and 8 (interleaved with fp32, medians).
+size; latency at batch 1 and 8 (interleaved with fp32, medians); and how many of its Conv/Gemm
+nodes ONNX Runtime actually runs on integers after its graph fusions ("int convs"): a Q/DQ graph
+whose Conv output is not quantized runs that Conv in float on dequantized weights, which is how
+NNCF's ONNX output (placed for OpenVINO's fusions) ends up more accurate and slower than fp32.
 
 The competing tools are never dependencies of the project: they live in a bench environment,
 
@@ -70,6 +73,26 @@ def nncf_quantize(src: Path, dst: Path, calib: list[Any], fast_bias_correction: 
     onnx.save(q, str(dst))
 
 
+INT_CONVS = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul"}
+FLOAT_CONVS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+
+
+def integer_convs(path: Path) -> tuple[int, int]:
+    """(Conv/Gemm nodes ONNX Runtime runs on integers, all Conv/Gemm nodes) in the graph it
+    actually runs on this CPU, after its fusions."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the fusions, not layouts
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    ints = sum(o in INT_CONVS for o in ops)
+    return ints, ints + sum(o in FLOAT_CONVS for o in ops)
+
+
 def evaluate(fp32: Path, cand: Path, evals: list[Any], labels: list[str] | None) -> dict[str, Any]:
     ref_s, cand_s = session(fp32), session(cand)
     names = [o.name for o in ref_s.get_outputs()]
@@ -78,7 +101,10 @@ def evaluate(fp32: Path, cand: Path, evals: list[Any], labels: list[str] | None)
     lat1 = latency_pair(ref_s, cand_s, evals, 1, runs=30)
     lat8 = latency_pair(ref_s, cand_s, evals, 8, runs=10)
     acc = report.get("accuracy") or {}
+    ints, convs = integer_convs(cand)
     return {
+        "int_convs": ints,
+        "convs": convs,
         "cosine": out["cosine_mean"],
         "cosine_min": out["cosine_min"],
         "top1_agreement": out.get("top1_agreement"),
@@ -184,7 +210,7 @@ def print_table(rows: list[dict[str, Any]], versions: dict[str, str]) -> None:
     print(f"\nsame prepared fp32 graph, same calibration and evaluation images; ORT {versions['onnxruntime']}, "
           f"NNCF {versions['nncf']}; 1 thread, this CPU")  # fmt: skip
     print(f"{'model':18} {'tool':24} {'cosine':>7} {'top-1 agr':>9} {'task acc (fp32)':>16} {'mask IoU':>8} "
-          f"{'MB (fp32)':>12} {'b1 ms (fp32)':>14} {'b8 ms (fp32)':>15}  note")  # fmt: skip
+          f"{'MB (fp32)':>12} {'b1 ms (fp32)':>14} {'b8 ms (fp32)':>15} {'int convs':>9}  note")  # fmt: skip
     for r in rows:
         if "cosine" not in r:
             print(f"{r['model']:18} {r['tool']:24} {r['note']}")
@@ -193,7 +219,8 @@ def print_table(rows: list[dict[str, Any]], versions: dict[str, str]) -> None:
         print(f"{r['model']:18} {r['tool']:24} {_f(r['cosine'], 5):>7} {_f(r['top1_agreement']):>9} {acc:>16} "
               f"{_f(r['mask_iou']):>8} {_f(r['mb'], 2) + ' (' + _f(r['fp32_mb'], 1) + ')':>12} "
               f"{_f(r['b1_ms'], 2) + ' (' + _f(r['fp32_b1_ms'], 2) + ')':>14} "
-              f"{_f(r['b8_ms'], 1) + ' (' + _f(r['fp32_b8_ms'], 1) + ')':>15}  {r['note']}")  # fmt: skip
+              f"{_f(r['b8_ms'], 1) + ' (' + _f(r['fp32_b8_ms'], 1) + ')':>15} "
+              f"{str(r.get('int_convs', '-')) + '/' + str(r.get('convs', '-')):>9}  {r['note']}")  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

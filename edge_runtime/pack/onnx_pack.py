@@ -34,7 +34,7 @@ from edge_runtime.pack.quantize import (
     quantize_int8,
 )
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
-from edge_runtime.pack.rewrites import rewrite_for_int8
+from edge_runtime.pack.rewrites import AFFINE, rewrite_for_int8
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.validate import compare, latency_pair, layer_sensitivity, run_all, session
 
@@ -73,12 +73,19 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
 
     candidate = tmp / "model.onnx"
     mode = choose_mode(prep.ops, profile) if req.precision == "int8" else "none"
-    source, rewrites = prep.path, {}
+    # The graphs INT8 is quantized from: the rewritten one (exact Conv folds and hard-sigmoid
+    # forms) and, where the hard-sigmoid rewrite did anything, the one with the Conv folds only
+    # (the rewrite adds Q/DQ steps, which can cost accuracy; _quantize_best keeps the closer).
+    graphs, rewrites, folds_only = [prep.path], {}, {}
     if mode == "static":
         rewrites = rewrite_for_int8(prep.path, tmp / "rewritten.onnx")
         if rewrites:
-            source = tmp / "rewritten.onnx"
             console.log(f"  rewrote {', '.join(f'{n} {op}' for op, n in rewrites.items())} into quantizable ops")
+            folds_only = {k: v for k, v in rewrites.items() if k == AFFINE}
+            graphs = [tmp / "rewritten.onnx"]
+            if folds_only != rewrites:
+                alt = tmp / "folded.onnx"
+                graphs.append(alt if rewrite_for_int8(prep.path, alt, hard_sigmoid=False) else prep.path)
 
     def build(exclude: list[str], op_types: list[str] | None = None) -> tuple[QuantSettings, dict[str, Any]]:
         if req.precision == "int8":
@@ -90,8 +97,7 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
                     task = progress.add_task(f"calibrating ({req.calibration})", total=len(calib))
                     on_sample = lambda: progress.advance(task)  # noqa: E731
                 settings = _quantize_best(
-                    req, profile, mode, [source, prep.path] if rewrites else [source], prep.path, candidate,
-                    calib, exclude, on_sample, op_types,
+                    req, profile, mode, graphs, prep.path, candidate, calib, exclude, on_sample, op_types,
                 )  # fmt: skip
             bc = settings.bias_correction
             if bc:
@@ -164,8 +170,8 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
     for b in (1, 8):
         pair = latency_pair(ref_s, cand_s, evals, b)
         report["latency_ms"]["reference"][f"batch{b}"], report["latency_ms"]["candidate"][f"batch{b}"] = pair
-    if settings.rewritten is False:  # calibrated both ways; the original graph came out closer to fp32
-        rewrites = {}
+    if settings.rewritten is False:  # calibrated both ways; the graph without hard-sigmoid forms came out closer
+        rewrites = folds_only
     report["rewrites"] = rewrites
     if req.precision != "fp32":  # an fp32 candidate is the reference: nothing to explain or gate
         costs = {"reference": op_times(prep.path, evals[0]), "candidate": op_times(candidate, evals[0])}
@@ -232,8 +238,9 @@ def _quantize_best(
     """With ``--calibration auto``, more than one way to quantize is tried and the one closest to
     fp32 on the calibration samples (never the held-out ones) is kept:
 
-    - the rewritten graph and the original one: the hard-sigmoid rewrite makes it quantizable
-      (faster on some models, needed by NPUs) but adds Q/DQ steps, which cost DBNet accuracy;
+    - the rewritten graph and the one with only the exact Conv folds: the hard-sigmoid rewrite
+      makes it quantizable (faster on some models, needed by NPUs) but adds Q/DQ steps, which
+      can cost accuracy (DBNet, before the Conv folds);
     - 7-bit weights (``reduce_range``, the x86-cpu default: AVX2 without VNNI saturates 8-bit
       U8S8 products; PP-OCR cls fell to cosine 0.87 without it) and 8-bit ones, but only where
       this host lacks VNNI, so its own kernels show any saturation a device would have;

@@ -14,13 +14,17 @@ from typing import Any, Literal
 
 from edge_runtime.pack.datasets import Sample, SampleReader
 from edge_runtime.pack.qdq_folds import fold_scalar_muls
+from edge_runtime.pack.ranges import mean_ranges, per_tensor_ranges
 from edge_runtime.pack.targets import TargetProfile
 
-CalibMethod = Literal["auto", "mean-minmax", "minmax", "entropy", "percentile"]
+CalibMethod = Literal["auto", "mean-minmax", "minmax", "per-tensor", "entropy", "percentile"]
 # "auto" calibrates both ways and keeps the one closer to fp32 on the calibration samples: neither
 # estimator wins everywhere (mean-minmax on DBNet, 7-bit weights: cosine 0.868 -> 0.920 with the
 # benchmark's pages, while minmax scored higher on the test suite's pages; PP-OCR cls after the
-# hard-sigmoid rewrite: 0.98 -> 0.97).
+# hard-sigmoid rewrite: 0.98 -> 0.97). "per-tensor" (an estimator for each tensor by its own
+# quantization error, ranges.py) lost to the better of the two on every zoo model, so auto does not
+# spend a calibration on it: calibration cosine before bias correction, DBNet 0.880 against
+# mean-minmax's 0.937 (minmax 0.824), PP-OCR cls 0.9982 against minmax's 0.9990.
 AUTO_METHODS: tuple[CalibMethod, ...] = ("mean-minmax", "minmax")
 CONV_OPS = {"Conv", "ConvTranspose"}
 # Recovery step: quantize only where INT8 pays (weights and MACs) and keep the elementwise,
@@ -42,6 +46,7 @@ class QuantSettings:
     calibration_scores: dict[str, float] | None = None  # auto: mean cosine vs fp32 on calibration data
     rewritten: bool | None = None  # the hard-sigmoid rewrite kept (None: nothing to rewrite)
     folded_muls: int = 0  # Mul-by-constant nodes folded into a scale after quantizing (qdq_folds.py)
+    estimators: dict[str, int] | None = None  # per-tensor calibration: tensors that took each estimator
     # layers corrected, calibration cosine before/after, and whether it was kept (bias_correction.py)
     bias_correction: dict[str, Any] | None = None
     reduce_range: bool = False
@@ -107,19 +112,21 @@ def quantize_int8(
 
     if method == "auto":
         scores: dict[str, float] = {}
-        folds: dict[str, int] = {}
+        folds: dict[str, tuple[int, dict[str, int] | None]] = {}
         for m in AUTO_METHODS:
             folds[m] = _static(src, dst.with_suffix(f".{m}.onnx"), calib, profile, m, exclude, on_sample, op_types)
             scores[m] = calibration_cosine(src, dst.with_suffix(f".{m}.onnx"), calib)
         best = max(AUTO_METHODS, key=lambda m: scores[m])  # a tie keeps the first (mean-minmax)
-        settings.folded_muls = folds[best]
+        settings.folded_muls, settings.estimators = folds[best]
         dst.with_suffix(f".{best}.onnx").replace(dst)
         for m in AUTO_METHODS:
             dst.with_suffix(f".{m}.onnx").unlink(missing_ok=True)
         settings.calibration = f"auto: {best}"
         settings.calibration_scores = {m: round(v, 6) for m, v in scores.items()}
     else:
-        settings.folded_muls = _static(src, dst, calib, profile, method, exclude, on_sample, op_types)
+        settings.folded_muls, settings.estimators = _static(
+            src, dst, calib, profile, method, exclude, on_sample, op_types
+        )
         settings.calibration = method
     settings.calibration_samples = len(calib)
     return settings
@@ -150,18 +157,24 @@ def _static(
     exclude: list[str],
     on_sample: Callable[[], None] | None,
     op_types: list[str] | None,
-) -> int:
-    """Quantize ``src`` to ``dst`` (QDQ), then fold scale-only Muls; returns how many were folded."""
+) -> tuple[int, dict[str, int] | None]:
+    """Quantize ``src`` to ``dst`` (QDQ), then fold scale-only Muls; returns how many were folded
+    and, for per-tensor calibration, how many tensors took each estimator."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
     class Reader(SampleReader, CalibrationDataReader):
         pass
 
     overrides: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, int] | None = None
     if method == "mean-minmax":
         overrides = {t: [{"rmin": lo, "rmax": hi}] for t, (lo, hi) in mean_ranges(src, calib).items()}
+    elif method == "per-tensor":
+        ranges, chosen = per_tensor_ranges(src, calib, profile.activation_symmetric)
+        overrides = {t: [{"rmin": lo, "rmax": hi}] for t, (lo, hi) in ranges.items()}
     methods = {
         "mean-minmax": CalibrationMethod.MinMax,  # ORT's pass still runs; the overrides win
+        "per-tensor": CalibrationMethod.MinMax,
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
@@ -186,42 +199,7 @@ def _static(
             **({"TensorQuantOverrides": overrides} if overrides else {}),
         },
     )
-    return fold_scalar_muls(dst)
-
-
-def mean_ranges(src: Path, calib: list[Sample]) -> dict[str, tuple[Any, Any]]:
-    """Each float activation's range as the mean over calibration samples of its per-sample minimum
-    and maximum (NNCF's default estimator for activations), instead of the extremes over all of
-    them: one sample's outlier no longer sets the step of every other. On PP-OCRv4 DBNet (original
-    graph, 8-bit weights) this took the INT8 probability map from cosine 0.836 to 0.964 against fp32
-    (mask IoU 0.745 -> 0.915); with x86-cpu's 7-bit weights, 0.868 -> 0.920. One extra pass over the
-    calibration set with every intermediate tensor exposed, reduced to two numbers per sample."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(src))
-    initializers = {i.name for i in model.graph.initializer}
-    exposed = {o.name for o in model.graph.output}
-    tensors = [i.name for i in model.graph.input if i.name not in initializers]
-    tensors += [o for n in model.graph.node for o in n.output if o]
-    model.graph.output.extend([onnx.ValueInfoProto(name=t) for t in tensors if t not in exposed])
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as in the graph
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    lows: dict[str, list[float]] = {}
-    highs: dict[str, list[float]] = {}
-    for sample in calib:
-        values = dict(zip(names, sess.run(names, sample.feeds), strict=True))
-        values.update({k: v for k, v in sample.feeds.items() if k in tensors})
-        for name, v in values.items():
-            if isinstance(v, np.ndarray) and v.dtype == np.float32 and v.size and np.isfinite(v).all():
-                lows.setdefault(name, []).append(float(v.min()))
-                highs.setdefault(name, []).append(float(v.max()))
-    # ORT's quantizer wants numpy scalars of the tensor's type.
-    return {t: (np.float32(np.mean(lows[t])), np.float32(np.mean(highs[t]))) for t in lows}
+    return fold_scalar_muls(dst), chosen
 
 
 def convert_fp16(src: Path, dst: Path) -> QuantSettings:

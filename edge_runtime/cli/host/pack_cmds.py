@@ -135,10 +135,11 @@ def add_pack(sub: Any) -> None:
                     help="ship a candidate slower than fp32 (x86-cpu: refused otherwise)")  # fmt: skip
     pk.add_argument(
         "--calibration",
-        choices=["auto", "mean-minmax", "minmax", "entropy", "percentile"],
+        choices=["auto", "mean-minmax", "minmax", "per-tensor", "entropy", "percentile"],
         default="auto",
-        help="activation ranges: the mean of per-sample extremes, the extremes over all samples, entropy (KL), "
-        "the 99.999th percentile; auto (default) tries the first two and keeps the closer to fp32",
+        help="activation ranges: the mean of per-sample extremes, the extremes over all samples, per tensor the "
+        "estimator with the least quantization error, entropy (KL), the 99.999th percentile; auto (default) "
+        "tries the first two and keeps the closer to fp32",
     )
     pk.add_argument("--min-cosine", type=float, default=0.98, help="gate: mean cosine per output (0.98)")
     pk.add_argument("--min-top1", type=float, default=0.95, help="gate: top-1 agreement with fp32 (0.95)")

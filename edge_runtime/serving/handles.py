@@ -50,6 +50,11 @@ class RuntimeMetrics:
         )
         self.expired = r.counter("edgert_requests_expired_total", "Requests dropped after their timeout", m)
         self.nonfinite = r.counter("edgert_nonfinite_outputs_total", "Results holding NaN or Inf", m)
+        self.outside_calibration = r.counter(
+            "edgert_inputs_outside_calibration_total",
+            "Rows of input outside the per-channel range the INT8 model was calibrated on (clamped, not seen)",
+            ("model", "input"),
+        )
         self.queue_depth = r.gauge("edgert_queue_depth", "Requests waiting in the batcher", m)
         self.batch_size = r.histogram("edgert_batch_size", "Rows per executed batch", m, BATCH_BUCKETS)
         self.queue_s = r.histogram("edgert_queue_seconds", "Time from enqueue to execution", m)
@@ -148,6 +153,10 @@ class ModelHandle:
         probe = self.on_served
         if probe is not None:
             probe(report.feeds, version)
+        if version.calibration_ranges is not None:
+            for input_name, n in version.calibration_ranges.outside(report.feeds).items():
+                if n:
+                    m.outside_calibration.inc(n, model=name, input=input_name)
         others = list(out.values())[1:]
         if bad or any(v.dtype.kind == "f" and not np.isfinite(v).all() for v in others):
             m.nonfinite.inc(model=name)

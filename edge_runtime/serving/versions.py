@@ -17,6 +17,7 @@ import numpy as np
 
 from edge_runtime.backends import Backend, BackendOptions, create_backend
 from edge_runtime.contracts.bundle import Bundle, BundleManifest
+from edge_runtime.serving.input_range import CalibrationRanges
 from edge_runtime.serving.stats import VersionStats
 
 
@@ -35,6 +36,7 @@ class ModelVersion:
         self.output_names = [o.name for o in self.manifest.outputs]
         self.input_names = [i.name for i in self.manifest.inputs]
         self.stats = VersionStats()
+        self.calibration_ranges = CalibrationRanges.from_manifest(self.manifest.quantization)
         self._inflight = 0
         self._idle = threading.Condition()
         self.warmup = _warmup_sample(bundle)

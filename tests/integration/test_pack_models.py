@@ -275,3 +275,34 @@ def test_the_bundle_records_what_the_calibration_data_looked_like(packed: dict[s
     assert s["axis"] == 1 and len(s["channels"]) == 3 and len(s["edges"]) == 17
     for ch in s["channels"]:
         assert abs(sum(ch["hist"]) - 1) < 1e-3 and ch["min"] <= ch["mean"] <= ch["max"] and ch["std"] > 0
+
+
+def test_the_device_counts_inputs_outside_the_calibration_range(packed: dict[str, Any], keys: Path) -> None:
+    """The served INT8 bundle counts, per input, the rows that go outside the per-channel range it
+    was calibrated on (edgert_inputs_outside_calibration_total): a sensor drifting out of range is
+    visible on /metrics instead of being clamped in silence."""
+    import re
+
+    result: PackResult = packed["int8"]
+    bundle = read_bundle(result.path, load_public_keys([keys / "signing.pub"]))
+    m = bundle.manifest
+    (name, stats), *_ = m.quantization["input_stats"].items()
+    samples = load_samples(packed["data"][0], m.inputs, m.preprocess)[:4]  # calibration images: inside
+    rt = Runtime(load_public_keys([keys / "signing.pub"]), threads=1)
+    rt.load(bundle)
+
+    def counted() -> int:  # a scrape counts every batch already answered first
+        text = rt.metrics.registry.render()
+        found = re.search(rf'edgert_inputs_outside_calibration_total{{model="{m.name}",input="{name}"}} (\d+)', text)
+        return int(found.group(1)) if found else 0
+
+    try:
+        for s in samples:
+            rt.infer(m.name, s.feeds)
+        assert counted() == 0
+        top = max(c["max"] for c in stats["channels"])
+        for s in samples[:3]:  # over-exposed: every value pushed past the calibration maximum of its channel
+            rt.infer(m.name, {name: s.feeds[name] + 2 * abs(top) + 1})
+        assert counted() == 3
+    finally:
+        rt.close()

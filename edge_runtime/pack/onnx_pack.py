@@ -35,6 +35,7 @@ from edge_runtime.pack.quantize import (
 )
 from edge_runtime.pack.request import PackError, PackRequest, PackResult, batching_of
 from edge_runtime.pack.rewrites import AFFINE, rewrite_for_int8
+from edge_runtime.pack.smoothing import smooth_activations
 from edge_runtime.pack.targets import TargetProfile
 from edge_runtime.pack.validate import compare, latency_pair, layer_sensitivity, run_all, session
 
@@ -53,6 +54,8 @@ LATENCY_FLOOR_MS = 0.1
 
 def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Console, cwd: Path) -> PackResult:
     judge = choose(req.judge, profile)
+    if req.smooth_activations is not None and not 0 < req.smooth_activations < 1:
+        raise PackError(f"--smooth-activations takes an alpha between 0 and 1 (e.g. 0.5), got {req.smooth_activations}")
     console.log(f"preparing {req.model.name} for {profile.name} ({profile.description})")
     prep = prepare_onnx(req, tmp)
     for note in prep.notes:
@@ -88,6 +91,18 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
             if folds_only != rewrites:
                 alt = tmp / "folded.onnx"
                 graphs.append(alt if rewrite_for_int8(prep.path, alt, hard_sigmoid=False) else prep.path)
+    smoothing: dict[str, Any] | None = None
+    if req.smooth_activations is not None and req.precision == "int8":
+        if mode != "static":
+            raise PackError("--smooth-activations needs static INT8; this model is quantized dynamically (MatMul ops)")
+        pairs = 0
+        for i, graph in enumerate(list(graphs)):
+            smoothed = tmp / f"smoothed{i}.onnx"
+            pairs = smooth_activations(graph, smoothed, calib, req.smooth_activations)
+            if pairs:
+                graphs[i] = smoothed
+        smoothing = {"alpha": req.smooth_activations, "pairs": pairs}
+        console.log(f"  smoothed activations of {pairs} Conv pairs (alpha {req.smooth_activations})")
 
     def build(exclude: list[str], op_types: list[str] | None = None) -> tuple[QuantSettings, dict[str, Any]]:
         if req.precision == "int8":
@@ -101,6 +116,7 @@ def pack_onnx(req: PackRequest, profile: TargetProfile, tmp: Path, console: Cons
                 settings = _quantize_best(
                     req, profile, mode, graphs, prep.path, candidate, calib, exclude, on_sample, op_types,
                 )  # fmt: skip
+            settings.smoothing = smoothing
             bc = settings.bias_correction
             if bc:
                 cos = bc["calibration_cosine"]

@@ -47,6 +47,7 @@ class QuantSettings:
     rewritten: bool | None = None  # the hard-sigmoid rewrite kept (None: nothing to rewrite)
     folded_muls: int = 0  # Mul-by-constant nodes folded into a scale after quantizing (qdq_folds.py)
     estimators: dict[str, int] | None = None  # per-tensor calibration: tensors that took each estimator
+    smoothing: dict[str, Any] | None = None  # --smooth-activations: alpha and the Conv pairs smoothed
     # layers corrected, calibration cosine before/after, and whether it was kept (bias_correction.py)
     bias_correction: dict[str, Any] | None = None
     reduce_range: bool = False

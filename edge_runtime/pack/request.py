@@ -42,6 +42,7 @@ class PackRequest:
     judge: str = "auto"  # auto | host | aarch64: whose kernels judge the candidate (pack/judge.py)
     allow_slower: bool = False  # ship a candidate slower than fp32 where the latency gate applies
     bias_correction: bool = True  # static INT8: correct layer biases on calibration data (bias_correction.py)
+    smooth_activations: float | None = None  # static INT8 (ONNX): migrate activation range into weights (smoothing.py)
 
 
 @dataclass

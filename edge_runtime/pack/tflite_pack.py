@@ -129,6 +129,8 @@ def pack_tflite(req: PackRequest, profile: TargetProfile, tmp: Path, console: Co
         raise PackError(
             f"target {profile.name} with TFLite builds full-integer INT8 only (got --precision {req.precision})"
         )
+    if req.smooth_activations is not None:
+        raise PackError("--smooth-activations applies to ONNX artifacts (TensorFlow's converter calibrates TFLite)")
     preprocess: PreprocessSpec | None = req.preprocess
     to_nhwc: set[str] = set()
     rewrites: dict[str, int] = {}

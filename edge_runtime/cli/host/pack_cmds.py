@@ -82,6 +82,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         judge=args.judge,
         allow_slower=args.allow_slower,
         bias_correction=not args.no_bias_correction,
+        smooth_activations=args.smooth_activations,
     )
     try:
         result = pack(req, console)
@@ -147,6 +148,9 @@ def add_pack(sub: Any) -> None:
     pk.add_argument("--no-recover", action="store_true", help="do not keep sensitive layers in float")
     pk.add_argument("--no-bias-correction", action="store_true",
                     help="do not correct layer biases for the mean error quantization adds")  # fmt: skip
+    pk.add_argument("--smooth-activations", dest="smooth_activations", type=float, metavar="ALPHA",
+                    help="static INT8 (ONNX): move per-channel activation range into the next Conv's weights "
+                    "(SmoothQuant's migration; alpha 0-1, e.g. 0.5); off by default")  # fmt: skip
     pk.add_argument("--max-calib", type=int, help="use at most this many calibration samples")
     pk.add_argument("--max-eval", type=int, help="use at most this many evaluation samples")
     pk.add_argument("--stateful", action="store_true", help="never batch requests of this model")

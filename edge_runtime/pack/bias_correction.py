@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.pack.graph_index import GraphIndex
 from edge_runtime.pack.validate import session
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -69,14 +70,9 @@ def correct_biases(fp32: Path, quantized: Path, feeds: list[dict[str, np.ndarray
     ref = onnx.load(str(fp32))
     model = onnx.load(str(quantized))
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    ref_producer = {o: n for n in ref.graph.node for o in n.output}
-
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    ix = GraphIndex.of(g)
+    inits, producer, consumers = ix.inits, ix.producer, ix.consumers
+    ref_producer = GraphIndex.of(ref.graph).producer
 
     def ref_name(node: Any) -> str | None:
         """The fp32 tensor that is this layer's output before any activation."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.pack.graph_index import GraphIndex
+
 
 def fold_scalar_muls(path: Path) -> int:
     """Fold every foldable Mul of the QDQ model at ``path`` in place; returns how many."""
@@ -31,13 +33,8 @@ def fold_scalar_muls(path: Path) -> int:
 
     model = onnx.load(str(path))
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    ix = GraphIndex.of(g)
+    inits, producer, consumers, outputs = ix.inits, ix.producer, ix.consumers, ix.outputs
 
     def scalar(name: str) -> float | None:
         """The value of a one-element constant, given as an initializer or as a Dequantize of one."""

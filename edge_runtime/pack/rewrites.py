@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.pack.graph_index import GraphIndex
+
 
 def _attr(node: Any, name: str, default: float) -> float:
     return next((float(a.f) for a in node.attribute if a.name == name), default)
@@ -137,12 +139,8 @@ def _fold_conv_affine(g: Any) -> int:
     changes; its weights and bias become new initializers (the old ones may be shared)."""
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    outputs = {o.name for o in g.output}
+    ix = GraphIndex.of(g)
+    inits, consumers, outputs = ix.inits, ix.consumers, ix.outputs
     drop: set[int] = set()
     folded = 0
     for index, conv in enumerate(list(g.node)):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.pack.datasets import Sample
+from edge_runtime.pack.graph_index import GraphIndex
 
 CLIP = 100.0
 
@@ -45,13 +46,8 @@ def smooth_activations(src: Path, dst: Path, calib: list[Sample], alpha: float) 
         raise ValueError(f"smoothing alpha must be between 0 and 1 (exclusive), got {alpha}")
     model = onnx.load(str(src))
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    outputs = {o.name for o in g.output}
+    ix = GraphIndex.of(g)
+    inits, producer, consumers, outputs = ix.inits, ix.producer, ix.consumers, ix.outputs
     uses: dict[str, int] = {}  # how many nodes read each initializer: shared weights are not touched
     for n in g.node:
         for name in n.input:

@@ -96,9 +96,9 @@ def _tensor_from_json(entry: dict[str, Any], binary: memoryview, offset: int) ->
         raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size parameter")
     data = entry["data"]
     if isinstance(data, np.ndarray) and dtype.kind in "iu" and data.size:  # parsed by simdjson as 64-bit
-        info = np.iinfo(dtype)
-        if data.min() < info.min or data.max() > info.max:
-            bad = data.min() if data.min() < info.min else data.max()
+        info, low, high = np.iinfo(dtype), data.min(), data.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
             raise ProtocolError(
                 f"input {name!r}: data is not {datatype}: Python integer {bad} out of bounds for {dtype}"
             )

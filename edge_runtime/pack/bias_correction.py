@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.pack.graph_index import GraphIndex
+from edge_runtime.pack.graph_index import GraphIndex, exposing
 from edge_runtime.pack.validate import session
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -36,13 +36,9 @@ def _session(model: Any) -> Any:
 def _with_outputs(model: Any, names: list[str], bias_inputs: Sequence[Any] = ()) -> Any:
     """A copy of ``model`` that also outputs ``names`` and takes the given initializers as inputs
     (their values are then fed at each run: one session serves every correction step)."""
-    import onnx
     from onnx import TensorProto, helper
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in have)
+    m = exposing(model, names)
     fed = {b.name for b in bias_inputs}
     keep = [i for i in m.graph.initializer if i.name not in fed]
     del m.graph.initializer[:]

@@ -1,5 +1,6 @@
-"""The lookups every graph rewrite needs: initializers by name, who produces and who reads each
-tensor, and the graph's outputs. Built once from an ONNX graph; stale once the graph changes."""
+"""What the graph rewrites and measurements share: the lookups (initializers by name, who produces
+and who reads each tensor, the graph's outputs; built once, stale once the graph changes) and a
+copy of a model that also outputs chosen intermediate tensors, to measure them."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ class GraphIndex:
             consumers=consumers,
             outputs={o.name for o in graph.output},
         )
+
+
+def exposing(model: Any, names: list[str]) -> Any:
+    """A copy of ``model`` that also outputs the tensors ``names`` (those not outputs already)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
+    return m

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.pack.datasets import Sample
+from edge_runtime.pack.graph_index import exposing
+from edge_runtime.pack.validate import session
 
 BINS = 2048
 MAX_VALUES = 1 << 18  # values per tensor and sample put into its histogram (an even stride)
@@ -40,18 +42,12 @@ def _exposed(src: Path) -> tuple[Any, list[str], set[str]]:
     """A session of ``src`` that outputs every intermediate tensor (graph optimizations off, so
     every tensor is as in the graph), its output names, and the names of the tensors wanted."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(src))
     initializers = {i.name for i in model.graph.initializer}
-    exposed = {o.name for o in model.graph.output}
     tensors = [i.name for i in model.graph.input if i.name not in initializers]
     tensors += [o for n in model.graph.node for o in n.output if o]
-    model.graph.output.extend([onnx.ValueInfoProto(name=t) for t in tensors if t not in exposed])
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = session(exposing(model, tensors).SerializeToString(), threads=0, exact=True)
     return sess, [o.name for o in sess.get_outputs()], set(tensors)
 
 

@@ -177,7 +177,6 @@ def _fold_conv_affine(g: Any) -> int:
             w = w * k.reshape(shape)
             b = b * k + c
             conv.output[0] = nxt.output[0]
-            consumers.setdefault(nxt.output[0], [])
             drop.add(id(nxt))
             steps += 1
         if steps:

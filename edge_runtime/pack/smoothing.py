@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.pack.datasets import Sample
-from edge_runtime.pack.graph_index import GraphIndex
+from edge_runtime.pack.graph_index import GraphIndex, exposing
+from edge_runtime.pack.validate import session
 
 CLIP = 100.0
 
@@ -39,8 +40,7 @@ def smooth_activations(src: Path, dst: Path, calib: list[Sample], alpha: float) 
     """Write the smoothed model to ``dst``; returns how many Conv pairs were smoothed (0: none, and
     ``dst`` is not written)."""
     import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"smoothing alpha must be between 0 and 1 (exclusive), got {alpha}")
@@ -82,16 +82,8 @@ def smooth_activations(src: Path, dst: Path, calib: list[Sample], alpha: float) 
     if not pairs:
         return 0
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for _, _, x in pairs if x not in have
-    )
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [x for _, _, x in pairs]
+    sess = session(exposing(model, names).SerializeToString(), threads=0)
     amax: list[np.ndarray | None] = [None] * len(pairs)
     for sample in calib:
         for i, a in enumerate(sess.run(names, sample.feeds)):

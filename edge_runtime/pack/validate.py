@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.pack.datasets import Sample
+from edge_runtime.pack.graph_index import exposing
 
 
 @dataclass(frozen=True)
@@ -167,13 +168,8 @@ def layer_sensitivity(
     q_tensors = {o for n in q_model.graph.node for o in n.output}
     nodes = [n for n in ref_model.graph.node if n.op_type not in ("Constant", "Shape")]
     names = sorted({o for n in nodes for o in n.output if o in q_tensors})
-    for model in (ref_model, q_model):
-        existing = {o.name for o in model.graph.output}
-        for t in names:
-            if t not in existing:
-                model.graph.output.append(onnx.ValueInfoProto(name=t))
-    ref_s = session(ref_model.SerializeToString(), threads=2)
-    q_s = session(q_model.SerializeToString(), threads=2)
+    ref_s = session(exposing(ref_model, names).SerializeToString(), threads=2)
+    q_s = session(exposing(q_model, names).SerializeToString(), threads=2)
     errors: dict[str, list[float]] = {t: [] for t in names}
     for s in samples:
         ra = dict(zip(names, ref_s.run(names, s.feeds), strict=True))

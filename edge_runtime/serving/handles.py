@@ -52,7 +52,7 @@ class RuntimeMetrics:
         self.nonfinite = r.counter("edgert_nonfinite_outputs_total", "Results holding NaN or Inf", m)
         self.outside_calibration = r.counter(
             "edgert_inputs_outside_calibration_total",
-            "Rows of input outside the per-channel range the INT8 model was calibrated on (clamped, not seen)",
+            "Rows of input outside the per-channel range of the bundle's calibration data (INT8 clamps them)",
             ("model", "input"),
         )
         self.queue_depth = r.gauge("edgert_queue_depth", "Requests waiting in the batcher", m)

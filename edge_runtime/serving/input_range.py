@@ -35,8 +35,10 @@ class CalibrationRanges:
 
     @classmethod
     def from_manifest(cls, quantization: dict[str, Any] | None) -> CalibrationRanges | None:
-        """From a manifest's ``quantization`` block; None when it records no input statistics (fp32
-        and TFLite bundles, older bundles) or records them in a shape this code does not know."""
+        """From a manifest's ``quantization`` block; None when it records no input statistics (TFLite
+        bundles, bundles packed before they were recorded) or records them in a shape this code does
+        not know. fp32 ONNX bundles record them too: they do not clamp, but such inputs are still
+        ones the model was not checked on, and are counted the same way."""
         stats = (quantization or {}).get("input_stats")
         if not isinstance(stats, dict):
             return None
